@@ -1,0 +1,1 @@
+"""The thin core: config, wrapping and targeting, multi-adapter bookkeeping, files."""

@@ -1,0 +1,128 @@
+"""The contract between the core and a method: one `Adapter` per (adapted layer, adapter name).
+
+A method subclasses `Adapter`, implements `delta` (the change of the layer's output) and, when the
+method is mergeable, `delta_weight` (the change of the base weight). The core does the rest:
+targeting, multi-adapter bookkeeping, mixed batches, merging, saving and loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+LINEAR, GPT2_CONV1D, EMBEDDING, CONV = "linear", "gpt2-conv1d", "embedding", "conv"
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of a base layer we know how to adapt, or None."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return CONV
+    # transformers' GPT-2 Conv1D: a linear layer whose weight is stored (in, out).
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight"):
+        return GPT2_CONV1D
+    return None
+
+
+@dataclass
+class LayerSpec:
+    """What an adapter needs to know about the base layer it is attached to."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    base: nn.Module
+
+    @classmethod
+    def of(cls, module: nn.Module) -> LayerSpec:
+        kind = layer_kind(module)
+        if kind == LINEAR:
+            return cls(kind, module.in_features, module.out_features, module)
+        if kind == GPT2_CONV1D:
+            d_in, d_out = module.weight.shape
+            return cls(kind, d_in, d_out, module)
+        if kind == EMBEDDING:
+            return cls(kind, module.num_embeddings, module.embedding_dim, module)
+        if kind == CONV:
+            if module.groups != 1:
+                raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported")
+            return cls(kind, module.in_channels, module.out_channels, module)
+        raise TypeError(f"cannot adapt a {type(module).__name__}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight in (out, in, ...) layout (a view: in-place edits reach the base layer).
+
+        For an embedding this is (num_embeddings, dim), its storage layout.
+        """
+        w = self.base.weight
+        return w.t() if self.kind == GPT2_CONV1D else w
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base, "bias", None)
+
+
+class Adapter(nn.Module):
+    """One adapter on one layer. Subclasses state their paper and equation in their docstring."""
+
+    method: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True
+    kinds: ClassVar[tuple[str, ...]] = (LINEAR, GPT2_CONV1D)
+
+    def __init__(self, spec: LayerSpec, r: int, alpha: float, config) -> None:
+        super().__init__()
+        if spec.kind not in self.kinds:
+            raise ValueError(
+                f"method {self.method!r} cannot adapt a {type(spec.base).__name__} layer; "
+                f"it supports: {', '.join(self.kinds)}")
+        self.r, self.alpha = r, alpha
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+        """Change of the layer's output for input `x` (`base_out` is the bare base layer's output)."""
+        raise NotImplementedError
+
+    def delta_weight(self, spec: LayerSpec) -> torch.Tensor:
+        """Change of the base weight, in `spec.weight`'s layout, float32."""
+        raise TypeError(f"method {self.method!r} is not mergeable: its update is not a weight delta")
+
+    def merge(self, spec: LayerSpec, weight: float) -> None:
+        w = spec.weight
+        w.data += (weight * self.delta_weight(spec)).to(w.dtype)
+
+    def unmerge(self, spec: LayerSpec, weight: float) -> None:
+        w = spec.weight
+        w.data -= (weight * self.delta_weight(spec)).to(w.dtype)
+
+    def fused_forward(self, x: torch.Tensor, spec: LayerSpec, weight: float) -> torch.Tensor | None:
+        """Optional fast path computing base + weight * delta in one go; None when not applicable."""
+        return None
+
+    # --- files (PEFT's key suffixes) ---
+    def to_peft(self) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed by the suffix after the layer path (e.g. "lora_A.weight")."""
+        raise NotImplementedError
+
+    def from_peft(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Copy saved tensors in; raise `KeyError`/`ValueError` naming `where` and the key on mismatch."""
+        own = self.to_peft()
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise KeyError(f"{where}: missing key(s) {', '.join(missing)}")
+        unexpected = sorted(set(tensors) - set(own))
+        if unexpected:
+            raise KeyError(f"{where}: unexpected key(s) {', '.join(unexpected)}")
+        for key, target in own.items():
+            source = tensors[key]
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(f"{where}.{key}: saved shape {tuple(source.shape)} does not fit the model, "
+                                 f"which needs {tuple(target.shape)}")
+        with torch.no_grad():
+            for key, target in own.items():
+                target.copy_(tensors[key])

@@ -1,0 +1,186 @@
+"""Wrappers that hold adapters around base layers, and the mixed-batch plan they share.
+
+`AdaptedLayer` keeps the original module as `base_layer` (PEFT's name, so base-layer parameters keep
+PEFT's paths) and a `ModuleDict` of adapters. `SavedModule` keeps a full trainable copy of a module
+per adapter (`modules_to_save`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from loraplex.core.adapter import GPT2_CONV1D, LINEAR, Adapter, LayerSpec
+
+
+class MixedBatchPlan:
+    """Which batch rows use which adapter; built once per forward pass and read by every layer."""
+
+    def __init__(self, adapter_ids: Sequence[str | None], device: torch.device | None = None) -> None:
+        self.adapter_ids = list(adapter_ids)
+        self.batch_size = len(self.adapter_ids)
+        self.names: list[str] = sorted({a for a in self.adapter_ids if a is not None})
+        slot = {name: i for i, name in enumerate(self.names)}
+        none_slot = len(self.names)  # rows served by the bare base point at an all-zero slot
+        self.slots = torch.tensor([slot.get(a, none_slot) if a is not None else none_slot
+                                   for a in self.adapter_ids], device=device)
+        self.rows = {name: torch.tensor([i for i, a in enumerate(self.adapter_ids) if a == name], device=device)
+                     for name in self.names}
+
+
+@dataclass
+class SharedState:
+    """State every wrapper of one `AdapterModel` reads during a forward pass."""
+
+    active: list[tuple[str, float]] = field(default_factory=list)
+    disabled: bool = False
+    plan: MixedBatchPlan | None = None
+
+
+class AdaptedLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, shared: SharedState) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.spec = LayerSpec.of(base_layer)
+        self.merged: list[tuple[str, float]] = []
+        self._shared = shared  # a plain attribute: not a submodule, not in the state dict
+        self._stack_cache: tuple | None = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shared = self._shared
+        if shared.plan is not None and not shared.disabled:
+            return self._mixed_forward(x, shared.plan, *args, **kwargs)
+        merged = {name for name, _ in self.merged}
+        active = [(self.adapters[n], w) for n, w in shared.active if n in self.adapters and n not in merged]
+        if shared.disabled or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) == 1 and not args and not kwargs:
+            out = active[0][0].fused_forward(x, self.spec, active[0][1])
+            if out is not None:
+                return out
+        base_out = self.base_layer(x, *args, **kwargs)
+        out = base_out
+        for adapter, weight in active:
+            delta = adapter.delta(x, base_out, self.spec)
+            out = out + (delta if weight == 1.0 else weight * delta)
+        return out
+
+    # --- batches that mix adapters ---
+    def _mixed_forward(self, x: torch.Tensor, plan: MixedBatchPlan, *args, **kwargs) -> torch.Tensor:
+        if x.shape[0] != plan.batch_size:
+            raise ValueError(f"adapter_ids names {plan.batch_size} rows but a layer received a batch of "
+                             f"{x.shape[0]}; pass one adapter id per batch row")
+        if self.merged:
+            raise RuntimeError("cannot serve a mixed batch while adapters are merged; call unmerge() first")
+        base_out = self.base_layer(x, *args, **kwargs)
+        present = [n for n in plan.names if n in self.adapters]
+        if not present:
+            return base_out
+        if self._can_batch(present) and not torch.is_grad_enabled():
+            return self._batched_low_rank(x, base_out, plan)
+        out = base_out
+        for name in present:
+            rows = plan.rows[name]
+            delta = self.adapters[name].delta(x.index_select(0, rows), base_out.index_select(0, rows), self.spec)
+            out = out.index_add(0, rows, delta)
+        return out
+
+    def _can_batch(self, names: list[str]) -> bool:
+        """Plain LoRA on linear layers, several adapters: one pair of batched products serves all rows."""
+        if len(names) < 2 or self.spec.kind not in (LINEAR, GPT2_CONV1D):
+            return False
+        adapters = [self.adapters[n] for n in names]
+        return all(getattr(a, "method", "") == "lora" and not a.use_dora and a.dropout is None
+                   for a in adapters) and len({a.lora_A.dtype for a in adapters}) == 1
+
+    def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stacked to (n+1, r_max, d_in) and s·Bᵀ to (n+1, r_max, d_out); slot n is all zeros.
+
+        Cached until a weight changes (the key holds each tensor's version counter).
+        """
+        params = [(self.adapters[n].lora_A, self.adapters[n].lora_B) if n in self.adapters else None
+                  for n in names]
+        key = (tuple(names), tuple((id(p[0]), p[0]._version, p[1]._version) if p else None for p in params))
+        if self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1], self._stack_cache[2]
+        ref = next(p for p in params if p)[0]
+        r_max = max(p[0].shape[0] for p in params if p)
+        a_stack = ref.new_zeros(len(names) + 1, r_max, self.spec.in_features)
+        b_stack = ref.new_zeros(len(names) + 1, r_max, self.spec.out_features)
+        for i, (name, p) in enumerate(zip(names, params)):
+            if p:
+                r = p[0].shape[0]
+                a_stack[i, :r] = p[0]
+                b_stack[i, :r] = p[1].t() * self.adapters[name].scale
+        self._stack_cache = (key, a_stack, b_stack)
+        return a_stack, b_stack
+
+    def _batched_low_rank(self, x: torch.Tensor, base_out: torch.Tensor, plan: MixedBatchPlan) -> torch.Tensor:
+        a_stack, b_stack = self._stacks(plan.names)
+        a_rows, b_rows = a_stack[plan.slots], b_stack[plan.slots]   # (B, r, d_in), (B, r, d_out)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
+        out3 = base_out.reshape(base_out.shape[0], -1, base_out.shape[-1])
+        xa = torch.bmm(x3, a_rows.transpose(1, 2))
+        if out3.dtype == xa.dtype:
+            out3.baddbmm_(xa, b_rows)
+        else:
+            out3 += torch.bmm(xa, b_rows).to(out3.dtype)
+        return base_out
+
+    # --- merging ---
+    def merge(self, name: str, weight: float) -> None:
+        self.adapters[name].merge(self.spec, weight)
+        self.merged.append((name, weight))
+
+    def unmerge_all(self) -> None:
+        while self.merged:
+            name, weight = self.merged.pop()
+            self.adapters[name].unmerge(self.spec, weight)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}, merged={[n for n, _ in self.merged]}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full for each adapter (`modules_to_save`); PEFT's in-memory names."""
+
+    def __init__(self, original_module: nn.Module, shared: SharedState) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self._shared = shared
+
+    def add(self, name: str) -> None:
+        import copy
+
+        module = copy.deepcopy(self.original_module)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = module
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        shared = self._shared
+        if shared.disabled:
+            return self.original_module(x, *args, **kwargs)
+        if shared.plan is not None:
+            plan = shared.plan
+            present = [n for n in plan.names if n in self.modules_to_save]
+            out = self.original_module(x, *args, **kwargs)
+            for name in present:
+                rows = plan.rows[name]
+                out = out.index_copy(0, rows, self.modules_to_save[name](x.index_select(0, rows), *args, **kwargs))
+            return out
+        for name, _ in shared.active:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name](x, *args, **kwargs)
+        return self.original_module(x, *args, **kwargs)
+
+
+def adapters_of(module: nn.Module, name: str) -> dict[str, Adapter]:
+    """Every `Adapter` named `name` under `module`, keyed by the adapted layer's path."""
+    return {path: layer.adapters[name] for path, layer in module.named_modules()
+            if isinstance(layer, AdaptedLayer) and name in layer.adapters}

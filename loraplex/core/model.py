@@ -1,0 +1,322 @@
+"""`attach` and `AdapterModel`: named adapters on any PyTorch model, several at once."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from loraplex.core.adapter import Adapter, LayerSpec
+from loraplex.core.config import LoraConfig
+from loraplex.core.layers import AdaptedLayer, MixedBatchPlan, SavedModule, SharedState
+from loraplex.core.targeting import TargetError, candidate_modules, find_targets
+
+
+class AdapterModel(nn.Module):
+    """A model with named adapters. Attribute access falls through to the wrapped model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.configs: dict[str, LoraConfig] = {}
+        self._shared = SharedState()
+        self._bias_params: dict[str, list[str]] = {}   # adapter -> base bias paths it trains
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # --- adapters ---
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.configs)
+
+    @property
+    def active(self) -> list[tuple[str, float]]:
+        return list(self._shared.active)
+
+    def add_adapter(self, name: str, config: LoraConfig, *, calibration_data: Iterable | None = None,
+                    targets: list[str] | None = None) -> None:
+        """Attach a new adapter named `name` (not activated unless it is the first one)."""
+        self._check_new_name(name)
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a loraplex.LoraConfig, got {type(config).__name__}")
+        built, saved = self._build(name, config, targets)
+        self._install(name, config, built, saved)
+        if calibration_data is not None:
+            from loraplex.methods import get
+
+            init = getattr(get(config.method), "calibrate", None)
+            if init is None:
+                raise ValueError(f"method {config.method!r} takes no calibration data")
+            init(self, name, calibration_data)
+        if len(self.configs) == 1:
+            self.set_active(name)
+
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name or "." in name or "/" in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.' or '/', got {name!r}")
+        if name in self.configs:
+            raise ValueError(f"an adapter named {name!r} exists already; delete it first or pick another name "
+                             f"(existing: {', '.join(self.configs)})")
+
+    def _build(self, name: str, config: LoraConfig,
+               targets: list[str] | None) -> tuple[dict[str, Adapter], list[str]]:
+        """Create the adapter modules without touching the model (so a failure changes nothing).
+
+        Returns the adapters by layer path and the paths of the `modules_to_save`.
+        """
+        from loraplex.methods import get
+
+        method = get(config.method)
+        paths = targets if targets is not None else find_targets(self.model, config.targets, config.exclude)
+        modules = candidate_modules(self.model)
+        saved = set(config.modules_to_save)
+        built = {}
+        for path in paths:
+            if path not in modules:
+                raise TargetError(f"module {path!r} does not exist in {type(self.model).__name__}")
+            if any(path == s or path.endswith("." + s) for s in saved):
+                continue
+            r, alpha = config.rank_and_alpha(path)
+            try:
+                built[path] = method(LayerSpec.of(modules[path]), r, alpha, config)
+            except (TypeError, ValueError) as err:
+                raise TargetError(f"{path}: {err}") from None
+        return built, _saved_paths(self.model, config.modules_to_save)
+
+    def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str]) -> None:
+        for path, adapter in built.items():
+            layer = self.model.get_submodule(path)
+            if not isinstance(layer, AdaptedLayer):
+                layer = AdaptedLayer(layer, self._shared)
+                _set_submodule(self.model, path, layer)
+            layer.adapters[name] = adapter
+        for path in saved:
+            module = self.model.get_submodule(path)
+            if not isinstance(module, SavedModule):
+                module = SavedModule(module, self._shared)
+                _set_submodule(self.model, path, module)
+            module.add(name)
+        self._bias_params[name] = self._bias_paths(config)
+        self.configs[name] = config
+        for p in self.model.parameters():  # the base stays frozen; set_active opens the adapters
+            p.requires_grad_(False)
+        self._update_trainable()
+
+    def _bias_paths(self, config: LoraConfig) -> list[str]:
+        if config.bias == "none":
+            return []
+        names = [n for n, _ in self.model.named_parameters() if n.endswith("bias")
+                 and ".adapters." not in n and ".modules_to_save." not in n]
+        if config.bias == "lora_only":
+            names = [n for n in names if n.endswith("base_layer.bias")]
+        return names
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter everywhere; layers left with none are unwrapped (memory really freed)."""
+        self._require(name)
+        for path, module in list(self._wrappers()):
+            if isinstance(module, AdaptedLayer) and name in module.adapters:
+                if any(n == name for n, _ in module.merged):
+                    raise RuntimeError(f"adapter {name!r} is merged; call unmerge() before deleting it")
+                del module.adapters[name]
+                module._stack_cache = None
+                if not module.adapters:
+                    _set_submodule(self.model, path, module.base_layer)
+            elif isinstance(module, SavedModule) and name in module.modules_to_save:
+                del module.modules_to_save[name]
+                if not module.modules_to_save:
+                    _set_submodule(self.model, path, module.original_module)
+        del self.configs[name]
+        self._bias_params.pop(name, None)
+        self._shared.active = [(n, w) for n, w in self._shared.active if n != name]
+        self._update_trainable()
+
+    def set_active(self, names: str | Sequence[str], weights: Sequence[float] | None = None) -> None:
+        """Activate one adapter, or several whose deltas add up (optionally weighted)."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._require(n)
+        if weights is None:
+            weights = [1.0] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
+        if any(w != 1.0 for w in weights) and any(self.configs[n].modules_to_save for n in names):
+            raise ValueError("weighted combinations cannot include adapters with modules_to_save")
+        self._shared.active = [(n, float(w)) for n, w in zip(names, weights)]
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        """Parameters of the active adapters train; everything else is frozen."""
+        active = {n for n, _ in self._shared.active}
+        for path, module in self._wrappers():
+            children = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
+            for n, child in children.items():
+                for p in child.parameters():
+                    p.requires_grad_(n in active)
+        params = dict(self.model.named_parameters())
+        for n, paths in self._bias_params.items():
+            for path in paths:
+                params[path].requires_grad_(n in active)
+        for n in active:
+            for path in self._bias_params[n]:
+                params[path].requires_grad_(True)
+
+    def _require(self, name: str) -> None:
+        if name not in self.configs:
+            raise KeyError(f"no adapter named {name!r}; adapters: {', '.join(self.configs) or '(none)'}")
+
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, (AdaptedLayer, SavedModule)):
+                yield path, module
+
+    def adapted_layers(self, name: str | None = None) -> dict[str, AdaptedLayer]:
+        return {p: m for p, m in self._wrappers() if isinstance(m, AdaptedLayer)
+                and (name is None or name in m.adapters)}
+
+    # --- switching off ---
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the bare base model inside this block (merged adapters are unmerged meanwhile)."""
+        merged = {p: list(m.merged) for p, m in self.adapted_layers().items() if m.merged}
+        for p in merged:
+            self.model.get_submodule(p).unmerge_all()
+        previous, self._shared.disabled = self._shared.disabled, True
+        try:
+            yield
+        finally:
+            self._shared.disabled = previous
+            for p, entries in merged.items():
+                layer = self.model.get_submodule(p)
+                for name, weight in entries:
+                    layer.merge(name, weight)
+
+    # --- merging ---
+    def merge(self) -> None:
+        """Fold the active adapters (with their weights) into the base weights."""
+        for name, _ in self._shared.active:
+            if not all(type(a).mergeable for a in self._adapters(name)):
+                raise TypeError(f"adapter {name!r} ({self.configs[name].method}) is not mergeable")
+        with torch.no_grad():
+            for layer in self.adapted_layers().values():
+                done = {n for n, _ in layer.merged}
+                for name, weight in self._shared.active:
+                    if name in layer.adapters and name not in done:
+                        layer.merge(name, weight)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            for layer in self.adapted_layers().values():
+                layer.unmerge_all()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain model (this wrapper is then empty)."""
+        self.merge()
+        active = [n for n, _ in self._shared.active]
+        for path, module in list(self._wrappers()):
+            if isinstance(module, AdaptedLayer):
+                _set_submodule(self.model, path, module.base_layer)
+            else:
+                keep = next((module.modules_to_save[n] for n in active if n in module.modules_to_save),
+                            module.original_module)
+                _set_submodule(self.model, path, keep)
+        model = self.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.configs.clear()
+        self._shared.active = []
+        return model
+
+    def _adapters(self, name: str) -> list[Adapter]:
+        return [layer.adapters[name] for layer in self.adapted_layers(name).values()]
+
+    # --- parameters ---
+    def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that train: those of the active adapters (plus trained biases)."""
+        return list(self.named_trainable_parameters().values())
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    # --- running ---
+    @contextlib.contextmanager
+    def _plan(self, adapter_ids: Sequence[str | None] | None) -> Iterator[None]:
+        if adapter_ids is None:
+            yield
+            return
+        unknown = sorted({a for a in adapter_ids if a is not None and a not in self.configs})
+        if unknown:
+            raise KeyError(f"adapter_ids name unknown adapters {unknown}; adapters: {', '.join(self.configs)}")
+        device = next(self.model.parameters()).device
+        self._shared.plan = MixedBatchPlan(adapter_ids, device)
+        try:
+            yield
+        finally:
+            self._shared.plan = None
+
+    def forward(self, *args, adapter_ids: Sequence[str | None] | None = None, **kwargs):
+        """Run the model; `adapter_ids` picks an adapter (or None for the bare base) per batch row."""
+        with self._plan(adapter_ids):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_ids: Sequence[str | None] | None = None, **kwargs):
+        with self._plan(adapter_ids):
+            return self.model.generate(*args, **kwargs)
+
+    # --- files ---
+    def save(self, path, name: str | None = None) -> None:
+        """Save in PEFT's format: one adapter to `path`, or all (`default` at `path`, others in subfolders)."""
+        from loraplex.core.io import save_adapter
+
+        if name is not None:
+            self._require(name)
+            save_adapter(self, name, path)
+            return
+        if not self.configs:
+            raise ValueError("there is no adapter to save")
+        import os
+
+        for n in self.configs:
+            root = n == "default" or len(self.configs) == 1
+            save_adapter(self, n, path if root else os.path.join(path, n))
+
+
+def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "default", *,
+           calibration_data: Iterable | None = None) -> AdapterModel:
+    """Wrap `model` in place with an adapter called `name`; the base parameters are frozen."""
+    if isinstance(model, AdapterModel):
+        model.add_adapter(name, config or LoraConfig(), calibration_data=calibration_data)
+        return model
+    wrapped = AdapterModel(model)
+    wrapped.add_adapter(name, config or LoraConfig(), calibration_data=calibration_data)
+    return wrapped
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
+    if not names:
+        return []
+    modules = candidate_modules(model)
+    paths = [p for p in modules if any(p == n or p.endswith("." + n) for n in names)]
+    missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
+    if missing:
+        raise TargetError(f"modules_to_save names unknown modules {missing}")
+    # keep outermost matches only
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]

@@ -1,0 +1,201 @@
+"""LoRA, rsLoRA and DoRA.
+
+LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
+    y = W x + s · B A x,        A: r x d_in, B: d_out x r (zero at init), s = alpha / r.
+rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA"):
+    the same with s = alpha / sqrt(r).
+DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"):
+    W' = m ⊙ (W + s B A) / ‖W + s B A‖_row,    m initialised to ‖W‖_row (one norm per output unit),
+    so y = (m / n) ⊙ (W x + s B A x) + b with n = ‖W + s B A‖_row treated as a constant in the
+    backward pass (the paper's §4.3 gradient trick; PEFT does the same).
+
+Embeddings use A: r x num_embeddings, B: dim x r (ΔW = (B A)ᵀ); convolutions use A as a conv with
+the base kernel to r channels and B as a 1x1 conv back, as in PEFT, so files are interchangeable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.core.adapter import CONV, EMBEDDING, GPT2_CONV1D, LINEAR, Adapter, LayerSpec
+from loraplex.methods import register
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ with a hand-written backward.
+
+    It saves only x and the small x Aᵀ (never forms B A) and skips gradients for the frozen W.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        xa = x2 @ lora_a.t()
+        y.addmm_(xa, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        ctx.scale = scale
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scale
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gb = g @ lora_b                                   # (N, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g @ weight).addmm_(gb, lora_a, alpha=s).view(*grad_out.shape[:-1], x2.shape[-1])
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ xa).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _uniform(shape: tuple[int, ...], bound: float, dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
+
+
+@register
+class LoraAdapter(Adapter):
+    """LoRA / rsLoRA / DoRA on Linear, GPT-2 Conv1D, Embedding, Conv1d and Conv2d layers."""
+
+    method = "lora"
+    kinds = (LINEAR, GPT2_CONV1D, EMBEDDING, CONV)
+
+    def __init__(self, spec: LayerSpec, r: int, alpha: float, config) -> None:
+        super().__init__(spec, r, alpha, config)
+        self.scale = config.scale(r, alpha)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.use_dora = bool(config.dora)
+        self.kind = spec.kind
+        if self.use_dora and spec.kind not in (LINEAR, GPT2_CONV1D):
+            raise ValueError(f"DoRA is supported on Linear and GPT-2 Conv1D layers, not on "
+                             f"{type(spec.base).__name__}; drop `dora=True` or exclude this layer")
+        dtype, device = config.torch_dtype, spec.base.weight.device
+        d_in, d_out = spec.in_features, spec.out_features
+        kernel = tuple(spec.base.kernel_size) if spec.kind == CONV else ()
+        a_shape, b_shape = (r, d_in, *kernel), (d_out, r, *(1,) * len(kernel))
+        fan_in = d_in * math.prod(kernel)
+        if spec.kind == EMBEDDING:
+            # PEFT: A = 0, B ~ N(0, 1) so that B A = 0 but gradients reach A.
+            a = torch.zeros(a_shape, dtype=dtype, device=device)
+            b = torch.randn(b_shape, dtype=dtype, device=device)
+            if config.init == "random":
+                a.normal_()
+        else:
+            if config.init == "gaussian":
+                a = torch.randn(a_shape, dtype=dtype, device=device) / r
+            else:  # kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in)
+                a = _uniform(a_shape, 1 / math.sqrt(fan_in), dtype, device)
+            b = (_uniform(b_shape, 1 / math.sqrt(r), dtype, device) if config.init == "random"
+                 else torch.zeros(b_shape, dtype=dtype, device=device))
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(b)
+        if self.use_dora:
+            with torch.no_grad():
+                norm = self._weight_norm(spec, self.lora_delta_weight(spec))
+            self.magnitude = nn.Parameter(norm.to(dtype))
+
+    # --- the math ---
+    def lora_delta_weight(self, spec: LayerSpec) -> torch.Tensor:
+        """s · B A in the base weight's layout (float32)."""
+        a, b = self.lora_A.float(), self.lora_B.float()
+        if spec.kind == EMBEDDING:
+            return (b @ a).t() * self.scale
+        if spec.kind == CONV:
+            return torch.einsum("or,ri...->oi...", b.flatten(1), a) * self.scale
+        return (b @ a) * self.scale
+
+    @staticmethod
+    def _weight_norm(spec: LayerSpec, delta: torch.Tensor) -> torch.Tensor:
+        return (spec.weight.float() + delta).norm(dim=1)
+
+    def _low_rank(self, x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+        """s · B A x for this layer kind, in the adapter's dtype."""
+        if spec.kind == EMBEDDING:
+            base = spec.base
+            xa = F.embedding(x, self.lora_A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                             base.scale_grad_by_freq, base.sparse)
+            return (xa @ self.lora_B.t()) * self.scale
+        x = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        if spec.kind == CONV:
+            conv = F.conv1d if x.dim() == 3 else F.conv2d
+            base = spec.base
+            xa = conv(x, self.lora_A, None, base.stride, base.padding, base.dilation)
+            return conv(xa, self.lora_B) * self.scale
+        return ((x @ self.lora_A.t()) @ self.lora_B.t()) * self.scale
+
+    def delta(self, x: torch.Tensor, base_out: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+        low_rank = self._low_rank(x, spec)
+        if not self.use_dora:
+            return low_rank.to(base_out.dtype)
+        # DoRA: (m/n - 1) ⊙ W x + (m/n) ⊙ s B A x, n detached.
+        norm = self._weight_norm(spec, self.lora_delta_weight(spec).detach()).detach()
+        ratio = (self.magnitude.float() / norm).to(low_rank.dtype)
+        bias = spec.bias
+        wx = base_out if bias is None else base_out - bias
+        if self.dropout is not None and self.training:
+            wx = F.linear(self.dropout(x), spec.weight)  # PEFT: W sees the dropped-out input too
+        return ((ratio - 1) * wx.to(low_rank.dtype) + ratio * low_rank).to(base_out.dtype)
+
+    def fused_forward(self, x: torch.Tensor, spec: LayerSpec, weight: float) -> torch.Tensor | None:
+        if (self.use_dora or spec.kind not in (LINEAR, GPT2_CONV1D) or (self.dropout is not None and self.training)
+                or x.dtype != self.lora_A.dtype or spec.weight.dtype != x.dtype):
+            return None
+        w, b = spec.weight, spec.bias
+        if w.requires_grad or (b is not None and b.requires_grad):
+            return None
+        if torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad or x.requires_grad):
+            return _LoraLinearFunction.apply(x, w, b, self.lora_A, self.lora_B, self.scale * weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = x2 @ w.t() if b is None else torch.addmm(b, x2, w.t())
+        y.addmm_(x2 @ self.lora_A.t(), self.lora_B.t(), alpha=self.scale * weight)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def delta_weight(self, spec: LayerSpec) -> torch.Tensor:
+        if self.use_dora:
+            raise TypeError("DoRA merges through `merge`, not as an additive delta")
+        return self.lora_delta_weight(spec)
+
+    # DoRA merge: W' = c ⊙ W + w (m/n) ⊙ sBA with c = 1 - w + w m/n (per output row), so unmerge is
+    # exact up to rounding: W = (W' - w (m/n) ⊙ sBA) / c.
+    def _dora_terms(self, spec: LayerSpec, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = self.lora_delta_weight(spec)
+        ratio = self.magnitude.float() / self._weight_norm(spec, delta)
+        return (1 - weight + weight * ratio)[:, None], (weight * ratio)[:, None] * delta
+
+    def merge(self, spec: LayerSpec, weight: float) -> None:
+        if not self.use_dora:
+            return super().merge(spec, weight)
+        c, add = self._dora_terms(spec, weight)
+        self._dora_merged = (c, add)  # kept so unmerge uses the very norms merge used
+        w = spec.weight
+        w.data.copy_((c * w.float() + add).to(w.dtype))
+
+    def unmerge(self, spec: LayerSpec, weight: float) -> None:
+        if not self.use_dora:
+            return super().unmerge(spec, weight)
+        c, add = self._dora_merged
+        w = spec.weight
+        w.data.copy_(((w.float() - add) / c).to(w.dtype))
+        del self._dora_merged
+
+    # --- files ---
+    def to_peft(self) -> dict[str, torch.Tensor]:
+        if self.kind == EMBEDDING:
+            return {"lora_embedding_A": self.lora_A, "lora_embedding_B": self.lora_B}
+        out = {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+        if self.use_dora:
+            out["lora_magnitude_vector"] = self.magnitude
+        return out
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dora={self.use_dora}"
