@@ -157,7 +157,7 @@ class AdapterModel(nn.Module):
     def _update_trainable(self) -> None:
         """Parameters of the active adapters train; everything else is frozen."""
         active = {n for n, _ in self._shared.active}
-        for path, module in self._wrappers():
+        for _path, module in self._wrappers():
             children = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
             for n, child in children.items():
                 for p in child.parameters():
