@@ -1,0 +1,361 @@
+"""`loraplex` command line: train, eval, generate, chat, merge, inspect, tasks."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("loraplex")
+
+TRAIN_HELP = {
+    "model": "model to fine-tune: 'smollm2' (embedded, default), 'minilm', a .gguf file, a local Hugging Face "
+             "folder, or a hub id (needs network)",
+    "data": "built-in task name (see `loraplex tasks`) or a JSONL/CSV file with prompt/completion or messages",
+    "method": "adapter method (see `loraplex methods`)",
+    "recipe": "training recipe (none yet beyond the standard loop)",
+    "r": "adapter rank", "alpha": "adapter scale numerator (scale = alpha/r)", "dropout": "adapter input dropout",
+    "targets": "modules to adapt: all-linear, a regex, or comma-separated names",
+    "rslora": "rank-stabilised scaling alpha/sqrt(r)", "dora": "weight-decomposed LoRA (DoRA)",
+    "init": "adapter init: kaiming, gaussian or random",
+    "method_options": "method-specific settings (in YAML: a mapping; on the command line: --method-option K=V)",
+    "steps": "optimizer steps", "epochs": "epochs over the training data (overrides --steps)",
+    "batch_size": "sequences per micro-batch", "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate", "weight_decay": "AdamW weight decay", "warmup_steps": "linear warm-up steps",
+    "schedule": "learning-rate schedule after warm-up: cosine, linear or constant",
+    "max_grad_norm": "gradient clipping norm", "train_samples": "training examples drawn from a built-in task",
+    "eval_samples": "held-out examples for scoring", "eval_every": "score the held-out set every N steps (0: only "
+    "before and after)", "eval_batch_size": "rows per generation batch when scoring",
+    "max_length": "longest sequence in tokens; longer examples are an error",
+    "checkpoint_every": "write a checkpoint every N steps (also on Ctrl-C / SIGTERM)",
+    "output": "output folder (adapter, log, loss.png, report.json, report.md)",
+    "resume": "continue the run in --output from its last checkpoint",
+    "overwrite": "start over even if --output holds a run", "seed": "seed for data, init and dropout",
+    "bf16": "bf16 autocast on the CPU (slow where the CPU lacks bf16 matmuls)",
+    "skip_bad_lines": "skip malformed data lines (reported) instead of stopping",
+    "base_eval": "score the base model before training",
+}
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field, default None so that only flags actually given override the config file."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = TRAIN_HELP.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "method_options":
+            parser.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
+                                default=None, help=help_text)
+        elif hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{help_text} (default: {default})")
+        else:
+            kind = {int: int, float: float}.get(hints[f.name], str)
+            if f.name == "epochs":
+                kind = float
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=f"{help_text} (default: {default})")
+
+
+def build_train_config(args: argparse.Namespace):
+    from loraplex.training.loop import TrainConfig
+
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SystemExit(f"error: cannot read config file {args.config}: {err}") from None
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"error: {args.config} must hold a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            raise SystemExit(f"error: {args.config}: unknown option(s) {unknown}; known: {sorted(known)}")
+        values.update(loaded)
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "method_options":
+            options = dict(values.get("method_options") or {})
+            for item in value:
+                key, sep, raw = item.partition("=")
+                if not sep:
+                    raise SystemExit(f"error: --method-option expects KEY=VALUE, got {item!r}")
+                options[key] = yaml.safe_load(raw)
+            value = options
+        values[f.name] = value
+    if isinstance(values.get("targets"), str) and "," in values["targets"]:
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+# --- commands ---
+def cmd_train(args: argparse.Namespace) -> int:
+    from loraplex.training.loop import TrainingInterrupted, train
+
+    cfg = build_train_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        return 0
+    try:
+        report = train(cfg)
+    except TrainingInterrupted as stop:
+        log.warning("%s", stop)
+        return 130
+    base = "n/a" if report["base_score"] is None else f"{report['base_score']:.1f}%"
+    print(f"\nheld-out exact match on {report['data']}: base {base} -> adapter {report['adapter_score']:.1f}% "
+          f"after {report['steps']} steps ({report['train_seconds']:.0f} s)")
+    print(f"adapter, log, loss curve and report in {cfg.output}/")
+    return 0
+
+
+def _load_with_adapters(model_spec: str | None, adapters: list[str], weights: list[float] | None):
+    from loraplex.core.io import load
+    from loraplex.models import load_model
+
+    loaded = load_model(model_spec)
+    model = loaded.model
+    names = []
+    for spec in adapters or []:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name or "adapter", spec
+        model = load(model, path, name=name)
+        names.append(name)
+    if names:
+        if weights is not None and len(weights) != len(names):
+            raise SystemExit(f"error: {len(weights)} --weight values for {len(names)} adapters")
+        model.set_active(names, weights)
+    model.eval()
+    return loaded, model, names
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loraplex.data import load_data
+    from loraplex.training.evaluate import exact_match_score, perplexity
+
+    loaded, model, names = _load_with_adapters(args.model, args.adapter, args.weight)
+    examples = load_data(args.data, args.split, args.n, args.seed, skip_bad_lines=args.skip_bad_lines)
+    result: dict[str, Any] = {"model": loaded.source, "adapters": names or None, "data": args.data,
+                              "split": args.split, "n": len(examples)}
+    if args.metric in ("exact_match", "all"):
+        result["exact_match"] = exact_match_score(model, loaded.tokenizer, examples, batch_size=args.batch_size,
+                                                  progress=True)["exact_match"]
+    if args.metric in ("perplexity", "all"):
+        result["perplexity"] = perplexity(model, loaded.tokenizer, examples)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _render(tokenizer, text: str, raw: bool) -> str:
+    from loraplex.data import Example
+    from loraplex.data.tokenize import render_prompt
+
+    return text if raw else render_prompt(tokenizer, Example(prompt=text, completion=""))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from loraplex.training.evaluate import generate
+
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("error: give --prompt TEXT (repeatable) or prompts on standard input, one per line")
+    loaded, model, _ = _load_with_adapters(args.model, args.adapter, args.weight)
+    rendered = [_render(loaded.tokenizer, p, args.raw) for p in prompts]
+    outputs = generate(model, loaded.tokenizer, rendered, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature)
+    for prompt, text in zip(prompts, outputs):
+        print(json.dumps({"prompt": prompt, "completion": text}) if args.json else f">>> {prompt}\n{text}\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import torch
+
+    loaded, model, names = _load_with_adapters(args.model, args.adapter, args.weight)
+    tok = loaded.tokenizer
+    messages: list[dict[str, str]] = []
+    print(f"chatting with {loaded.source}" + (f" + {', '.join(names)}" if names else "")
+          + " (empty line or Ctrl-D to quit, /reset to forget)")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        if text == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            kwargs = {"do_sample": args.temperature > 0, "pad_token_id": tok.pad_token_id}
+            kwargs.update({"temperature": args.temperature} if args.temperature > 0
+                          else {"temperature": None, "top_p": None, "top_k": None})
+            out = model.generate(**ids, max_new_tokens=args.max_new_tokens, **kwargs)
+        reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    if not args.adapter:
+        raise SystemExit("error: give at least one --adapter PATH (or NAME=PATH) to merge")
+    loaded, model, names = _load_with_adapters(args.model, args.adapter, args.weight)
+    merged = model.merge_and_unload()
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    print(f"merged {', '.join(names)} into {loaded.source}; wrote a Hugging Face model folder to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from loraplex.inspect import inspect_adapter, plot_spectra
+
+    info = inspect_adapter(args.path, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"method: {info['method']}  rank: {info['r']}  alpha: {info['alpha']}  "
+              f"scale: {info['scale']:.4g}  dora: {info['dora']}  rslora: {info['rslora']}")
+        print(f"targets: {info['targets']}")
+        print(f"layers: {len(info['layers'])}  parameters: {info['parameters']:,}")
+        print(f"{'layer':60s} {'shape':>12s} {'rank':>4s} {'‖ΔW‖_F':>10s}  top singular values")
+        for row in info["layers"]:
+            sv = " ".join(f"{v:.3g}" for v in row["singular_values"])
+            print(f"{row['path']:60s} {row['shape']:>12s} {row['r']:>4d} {row['delta_norm']:>10.4g}  {sv}")
+    if args.plot:
+        plot_spectra(info, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from loraplex.data import TASKS, task_split
+
+    for name, task in TASKS.items():
+        ex = task_split(name, "train", 1, seed=args.seed)[0]
+        print(f"{name}: {task.description}\n    prompt:     {ex.prompt!r}\n    completion: {ex.completion!r}\n")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from loraplex.methods import available
+
+    for name, cls in sorted(available().items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name:12s} mergeable={cls.mergeable!s:5s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _adapter_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="base model (default: embedded smollm2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter folder (PEFT format), repeatable")
+    p.add_argument("--weight", action="append", type=float, default=None,
+                   help="weight of each --adapter, in order (default 1 each)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Low-rank adapters: train, evaluate, merge, "
+                                     "inspect. Run `loraplex train` to fine-tune the embedded SmolLM2.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model with an adapter (default: SmolLM2 on the dates task)",
+                       description="Fine-tune with an adapter. Options come from defaults, then --config YAML, "
+                       "then flags.")
+    p.add_argument("--config", help="YAML file of train options (flags override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    _add_dataclass_flags(p, __import__("loraplex.training.loop", fromlist=["TrainConfig"]).TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="score a model with or without adapters on a task or file")
+    _adapter_args(p)
+    p.add_argument("--data", default="dates", help="task name or JSONL/CSV file")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=100, help="number of examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metric", default="exact_match", choices=["exact_match", "perplexity", "all"])
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate completions for prompts")
+    _adapter_args(p)
+    p.add_argument("--prompt", action="append", help="prompt text, repeatable (default: read stdin lines)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model and adapters")
+    _adapter_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("merge", help="merge adapters into the base and write a Hugging Face model folder")
+    _adapter_args(p)
+    p.add_argument("--output", required=True, help="folder for the merged model (safetensors)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="show an adapter's method, ranks, norms and singular values")
+    p.add_argument("path", help="adapter folder")
+    p.add_argument("--plot", metavar="PNG", help="write the singular-value spectra to a PNG")
+    p.add_argument("--top-k", type=int, default=4, help="singular values shown per layer")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks with a sample of each")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("methods", help="list the adapter methods")
+    p.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from loraplex.core.io import AdapterFileError
+
+    try:
+        return args.func(args)
+    except (AdapterFileError, FileNotFoundError, FileExistsError, OSError, ValueError, KeyError) as err:
+        if args.verbose:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
