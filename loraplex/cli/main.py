@@ -159,11 +159,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render(tokenizer, text: str, raw: bool) -> str:
+def _prompt_ids(tokenizer, text: str, raw: bool) -> list[int]:
     from loraplex.data import Example
-    from loraplex.data.tokenize import render_prompt
+    from loraplex.data.tokenize import prompt_ids
 
-    return text if raw else render_prompt(tokenizer, Example(prompt=text, completion=""))
+    if raw:
+        return list(tokenizer(text)["input_ids"])
+    return prompt_ids(tokenizer, Example(prompt=text, completion=""))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -173,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompts:
         raise SystemExit("error: give --prompt TEXT (repeatable) or prompts on standard input, one per line")
     loaded, model, _ = _load_with_adapters(args.model, args.adapter, args.weight)
-    rendered = [_render(loaded.tokenizer, p, args.raw) for p in prompts]
+    rendered = [_prompt_ids(loaded.tokenizer, p, args.raw) for p in prompts]
     outputs = generate(model, loaded.tokenizer, rendered, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature)
     for prompt, text in zip(prompts, outputs):
@@ -346,10 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from loraplex.core.io import AdapterFileError
+    from loraplex.models import ModelLoadError
 
     try:
         return args.func(args)
-    except (AdapterFileError, FileNotFoundError, FileExistsError, OSError, ValueError, KeyError) as err:
+    except (AdapterFileError, ModelLoadError, OSError, ValueError, KeyError) as err:
         if args.verbose:
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -662,6 +662,7 @@ def _write_cache(model: torch.nn.Module, tokenizer: Any, final: Path, gguf: Path
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        _chmod_per_umask(tmp, 0o777)  # mkdtemp makes it private; the cache is a normal directory
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         marker = {
@@ -673,6 +674,9 @@ def _write_cache(model: torch.nn.Module, tokenizer: Any, final: Path, gguf: Path
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        for child in tmp.iterdir():
+            if child.is_file():
+                _chmod_per_umask(child, 0o666)
         _fsync_tree(tmp)
         if final.exists():  # an invalid leftover (no marker): move it out of the way first
             _discard(final)
@@ -687,6 +691,21 @@ def _write_cache(model: torch.nn.Module, tokenizer: Any, final: Path, gguf: Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chmod_per_umask(path: Path, mode: int) -> None:
+    """Give `path` the permissions a plainly created file/directory would get.
+
+    The umask is read from /proc (Linux) rather than with `os.umask`, which would briefly
+    change it for every thread of the process; elsewhere the common 022 is assumed.
+    """
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    with contextlib.suppress(OSError):
+        os.chmod(path, mode & ~umask)
 
 
 def _fsync_tree(root: Path) -> None:

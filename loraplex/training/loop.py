@@ -7,6 +7,7 @@ completion tokens only, output head computed only at those positions), checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from loraplex.core.config import LoraConfig
 from loraplex.core.io import atomic_write_bytes
-from loraplex.core.model import AdapterModel, attach
+from loraplex.core.model import attach
 from loraplex.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("loraplex")
@@ -166,10 +167,8 @@ class _StopFlag:
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -217,7 +216,7 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     """Run a training job; returns the report. `loaded` injects a model (tests); `stop_after` simulates
     a stop request after that many steps."""
     from loraplex.data import load_data
-    from loraplex.data.tokenize import collate, encode, length_bucketed_batches
+    from loraplex.data.tokenize import collate, encode_all, length_bucketed_batches
     from loraplex.models import load_model
     from loraplex.training.evaluate import exact_match_score
 
@@ -231,7 +230,9 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     # 1. data
     train_examples = load_data(cfg.data, "train", cfg.train_samples, cfg.seed, skip_bad_lines=cfg.skip_bad_lines)
     test_examples = load_data(cfg.data, "test", cfg.eval_samples, cfg.seed, skip_bad_lines=cfg.skip_bad_lines)
-    encoded = [encode(tokenizer, ex, cfg.max_length) for ex in train_examples]
+    if not test_examples:
+        raise ValueError(f"{cfg.data}: the held-out split is empty; give more (distinct) examples")
+    encoded = encode_all(tokenizer, train_examples, cfg.max_length)
     lengths = [len(e.input_ids) for e in encoded]
     batches_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total_steps = (math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum) if cfg.epochs else cfg.steps)
