@@ -76,13 +76,55 @@ class Adapter(nn.Module):
     mergeable: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = (LINEAR, GPT2_CONV1D)
 
-    def __init__(self, spec: LayerSpec, r: int, alpha: float, config) -> None:
+    peft_type: ClassVar[str] = "LORA"   # PEFT's name for the method, for files PEFT can read
+
+    def __init__(self, spec: LayerSpec, r: int, alpha: float, config, shared: nn.Module | None = None) -> None:
         super().__init__()
         if spec.kind not in self.kinds:
             raise ValueError(
                 f"method {self.method!r} cannot adapt a {type(spec.base).__name__} layer; "
                 f"it supports: {', '.join(self.kinds)}")
         self.r, self.alpha = r, alpha
+        self._shared_ref = (shared,)  # a tuple, so the shared module is not registered once per layer
+
+    @property
+    def shared(self) -> nn.Module | None:
+        """The module holding tensors shared by every layer of this adapter (see `build_shared`)."""
+        return self._shared_ref[0]
+
+    # --- hooks a method may implement (all optional) ---
+    @classmethod
+    def build_shared(cls, config, specs: dict[str, LayerSpec]) -> nn.Module | None:
+        """Tensors shared across layers (e.g. VeRA's frozen random pair), stored once per adapter.
+
+        The returned module lives on the `AdapterModel` (`shared_tensors[name]`); its parameters train
+        with the adapter, its buffers stay frozen. Its `to_peft()` / `from_peft(tensors)` give and take
+        tensors under their exact on-disk keys.
+        """
+        return None
+
+    # `calibrate(model: AdapterModel, name: str, batches: Iterable) -> None`, a classmethod: data- or
+    # gradient-driven initialisation, run by `add_adapter(..., calibration_data=...)`.
+
+    @classmethod
+    def peft_config_fields(cls, config) -> dict:
+        """Extra `adapter_config.json` fields PEFT needs for this method."""
+        return {}
+
+    @classmethod
+    def config_from_peft_fields(cls, data: dict) -> dict:
+        """`LoraConfig` keyword arguments from a PEFT config of this method's `peft_type`."""
+        raise ValueError(f"reading PEFT {cls.peft_type} configs is not supported for {cls.method!r}")
+
+    def as_lora(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with B @ A equal to this adapter's change of the ORIGINAL base weight (scale folded in).
+
+        Used to save any low-rank-reducible adapter as a plain LoRA that loads on the unmodified base.
+        """
+        raise TypeError(f"method {self.method!r} cannot be expressed as a plain LoRA")
+
+    def on_delete(self, spec: LayerSpec) -> None:
+        """Undo what the adapter did to the base layer (e.g. a rewritten weight) when it is removed."""
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
         """Change of the layer's output for input `x` (`base_out` is the bare base layer's output)."""

@@ -8,25 +8,29 @@ never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from loraplex.core.config import ConfigError, LoraConfig
 from loraplex.core.layers import SavedModule
-from loraplex.core.targeting import TargetError, peft_target_modules
+from loraplex.core.targeting import TargetError, candidate_modules, peft_target_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+SAVE_ID = "save_id"
 PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 _UNSUPPORTED_PEFT = {"layer_replication": None, "lora_bias": False, "trainable_token_indices": None,
                      "target_parameters": None, "alora_invocation_tokens": None, "use_qalora": False,
@@ -40,20 +44,105 @@ class AdapterFileError(ValueError):
 # --- atomic writes ---
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write_files({Path(path): data})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Replace several files in one folder together.
+
+    Every file is first written in full to a temp file next to it and fsynced; only then are they
+    renamed into place. If a write fails nothing is replaced; if a rename fails the files already
+    replaced are put back (from hard links taken beforehand), so readers see all old or all new files.
+    Temp files left by a killed process are removed by the next write to the folder.
+    """
+    staged: list[tuple[str, Path]] = []
+    backups: dict[Path, str] = {}
+    done: list[Path] = []
     try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temps(path.parent)
+            staged.append((_write_temp(path, data), path))
+        for _, path in staged:
+            if path.exists():
+                backup = _temp_name(path, ".bak")
+                with _suppress():
+                    os.link(path, backup)
+                    backups[path] = backup
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for path in reversed(done):  # roll back the renames already made
+            with _suppress():
+                if path in backups:
+                    os.replace(backups.pop(path), path)
+                else:
+                    os.unlink(path)
+        raise
+    finally:
+        for leftover in [tmp for tmp, _ in staged] + list(backups.values()):
+            with _suppress():
+                os.unlink(leftover)
+    for folder in {path.parent for path in files}:
+        _fsync_dir(folder)
+
+
+def _temp_name(path: Path, suffix: str) -> str:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    os.unlink(name)
+    return name
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, _plain_file_mode())  # mkstemp's 0600 would make saved adapters private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with _suppress():
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    return tmp
+
+
+def _plain_file_mode() -> int:
+    """0666 less the umask (read from /proc: `os.umask` would change it for every thread meanwhile)."""
+    umask = 0o022
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    return 0o666 & ~umask
+
+
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[^.]+\.(tmp|bak)$")
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temp files of ours whose writing process has died (killed mid-write)."""
+    with _suppress():
+        for entry in os.scandir(folder):
+            match = _TEMP_RE.match(entry.name)
+            if match and not _pid_alive(int(match.group(1))):
+                with _suppress():
+                    os.unlink(entry.path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -79,47 +168,69 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 
 
 # --- saving ---
-def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of adapter `name` under PEFT's on-disk keys."""
+def adapter_state(model, name: str, as_lora: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of adapter `name` under PEFT's on-disk keys (as plain LoRA factors with `as_lora`)."""
     out: dict[str, torch.Tensor] = {}
     for path, layer in model.adapted_layers(name).items():
-        for suffix, tensor in layer.adapters[name].to_peft().items():
+        adapter = layer.adapters[name]
+        if as_lora:
+            a, b = adapter.as_lora(layer.spec)
+            out[f"{PREFIX}{path}.lora_A.weight"], out[f"{PREFIX}{path}.lora_B.weight"] = a, b
+            continue
+        for suffix, tensor in adapter.to_peft().items():
             out[f"{PREFIX}{path}.{suffix}"] = tensor
+    if name in model.shared_tensors and not as_lora:
+        out.update(model.shared_tensors[name].to_peft())
     for path, module in model.model.named_modules():
         if isinstance(module, SavedModule) and name in module.modules_to_save:
             for key, tensor in module.modules_to_save[name].state_dict().items():
                 out[f"{PREFIX}{path}.{key}"] = tensor
-    params = dict(model.model.named_parameters())
-    for path in model._bias_params.get(name, []):
-        out[f"{PREFIX}{path}"] = params[path]
+    for key, tensor in model.bias_parameters(name).items():
+        out[f"{PREFIX}{key}"] = tensor
     return out
 
 
-def peft_config_dict(model, name: str) -> dict[str, Any]:
+def peft_config_dict(model, name: str, as_lora: bool = False) -> dict[str, Any]:
+    from loraplex.methods import get
+
     config: LoraConfig = model.configs[name]
     layers = model.adapted_layers(name)
-    kinds = {layer.spec.kind for layer in layers.values()}
     base_config = getattr(model.model, "config", None)
     is_causal_lm = callable(getattr(model.model, "generate", None)) and hasattr(model.model, "get_output_embeddings")
-    return {
-        "peft_type": "LORA",
+    common = {
         "task_type": "CAUSAL_LM" if is_causal_lm and base_config is not None else None,
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "revision": None,
         "inference_mode": True,
+        "target_modules": peft_target_modules(model.model, list(layers)),
+        "modules_to_save": config.modules_to_save or None,
+    }
+    if as_lora:  # every layer's factors carry their scale: alpha = r per layer gives scale 1
+        ranks = {path: layer.adapters[name].as_lora(layer.spec)[0].shape[0] for path, layer in layers.items()}
+        r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+        pattern = {_escape(p): r for p, r in ranks.items() if r != r0}
+        config = LoraConfig(r=r0, alpha=float(r0), targets=common["target_modules"], rank_pattern=pattern,
+                            alpha_pattern={k: float(v) for k, v in pattern.items()},
+                            modules_to_save=config.modules_to_save, bias=config.bias)
+    method = get(config.method)
+    if method.peft_type != "LORA":
+        return {"peft_type": method.peft_type, **common, **method.peft_config_fields(config),
+                "loraplex": {"config": config.to_dict(), "format": 1}}
+    kinds = {layer.spec.kind for layer in layers.values()}
+    return {
+        "peft_type": "LORA",
+        **common,
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": peft_target_modules(model.model, list(layers)),
         "exclude_modules": None,
         "fan_in_fan_out": "gpt2-conv1d" in kinds,
         "bias": config.bias,
         "use_rslora": config.rslora,
         "use_dora": config.dora,
-        "modules_to_save": config.modules_to_save or None,
         "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "random": False}.get(config.init, True),
-        "rank_pattern": _full_pattern(layers, name, config, "r"),
-        "alpha_pattern": _full_pattern(layers, name, config, "alpha"),
+        "rank_pattern": config.rank_pattern if as_lora else _full_pattern(layers, name, config, "r"),
+        "alpha_pattern": config.alpha_pattern if as_lora else _full_pattern(layers, name, config, "alpha"),
         "layers_to_transform": None,
         "layers_pattern": None,
         "lora_bias": False,
@@ -134,27 +245,44 @@ def _full_pattern(layers, name: str, config: LoraConfig, field: str) -> dict[str
             if getattr(layer.adapters[name], field) != default}
 
 
-def save_adapter(model, name: str, path: str | Path) -> None:
-    """Write one adapter to folder `path`. Both files are fully written before either is replaced."""
+def save_adapter(model, name: str, path: str | Path, as_lora: bool = False) -> None:
+    """Write one adapter to folder `path`. Both files are fully written before either is replaced.
+
+    `as_lora=True` writes any low-rank-reducible adapter as a plain LoRA for the unmodified base.
+    """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise AdapterFileError(f"{folder} exists and is not a folder")
-    weights = tensors_to_bytes(adapter_state(model, name))
-    config = json.dumps(peft_config_dict(model, name), indent=2, sort_keys=True).encode()
-    atomic_write_bytes(folder / WEIGHTS_NAME, weights)
-    atomic_write_bytes(folder / CONFIG_NAME, config)
+    # One id in both files: a pair from two different saves is detected when loading.
+    save_id = uuid.uuid4().hex
+    weights = tensors_to_bytes(adapter_state(model, name, as_lora), {"format": "pt", SAVE_ID: save_id})
+    config_data = peft_config_dict(model, name, as_lora)
+    config_data.setdefault("loraplex", {})[SAVE_ID] = save_id
+    config = json.dumps(config_data, indent=2, sort_keys=True).encode()
+    atomic_write_files({folder / WEIGHTS_NAME: weights, folder / CONFIG_NAME: config})
 
 
 # --- loading ---
 def config_from_peft(data: dict[str, Any], where: str) -> LoraConfig:
     """Our `LoraConfig` from a PEFT `adapter_config.json` dict (ours first when present)."""
-    ours = (data.get("loraplex") or {}).get("config")
     try:
+        ours = (data.get("loraplex") or {}).get("config")
         if ours:
+            ours = dict(ours)
+            # The layers actually adapted, by name: the original `targets` may have been classes
+            # (saved by class name only) or a rule that now selects other layers.
+            if data.get("target_modules"):
+                ours["targets"], ours["exclude"] = data["target_modules"], None
             return LoraConfig(**ours)
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
-            raise AdapterFileError(f"{where}: peft_type {peft_type!r} is not supported; loraplex reads LORA adapters")
+            from loraplex.methods import available
+
+            readers = [cls for cls in available().values() if cls.peft_type == peft_type]
+            if not readers:
+                known = sorted({cls.peft_type for cls in available().values()})
+                raise AdapterFileError(f"{where}: peft_type {peft_type!r} is not supported; loraplex reads {known}")
+            return LoraConfig(method=readers[0].method, **readers[0].config_from_peft_fields(data))
         for key, neutral in _UNSUPPORTED_PEFT.items():
             if data.get(key, neutral) not in (neutral, [], {}):
                 raise AdapterFileError(f"{where}: PEFT option {key}={data[key]!r} is not supported by loraplex")
@@ -170,7 +298,9 @@ def config_from_peft(data: dict[str, Any], where: str) -> LoraConfig:
             dora=bool(data.get("use_dora", False)), init=init, bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save") or [], rank_pattern=data.get("rank_pattern") or {},
             alpha_pattern=data.get("alpha_pattern") or {})
-    except (ConfigError, TypeError) as err:
+    except AdapterFileError:
+        raise
+    except (ConfigError, TypeError, ValueError, AttributeError) as err:
         raise AdapterFileError(f"{where}: invalid adapter config: {err}") from None
 
 
@@ -193,18 +323,32 @@ def read_adapter_files(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Te
         raise AdapterFileError(f"{config_file}: missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
         raise AdapterFileError(f"{config_file}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{config_file}: expected a JSON object")
     config = config_from_peft(data, str(config_file))
     try:
         raw = load_file(weights_file)
+        with safe_open(weights_file, "pt") as f:
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{weights_file}: not a readable safetensors file ({err}); "
                                "it may be truncated or in another format") from None
-    tensors = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    ours = data.get("loraplex")
+    config_id = ours.get(SAVE_ID) if isinstance(ours, dict) else None
+    if config_id and metadata.get(SAVE_ID) and metadata[SAVE_ID] != config_id:
+        raise AdapterFileError(f"{weights_file}: written by another save than {config_file} (an interrupted "
+                               "save, or files of two adapters mixed); save the adapter again")
+    tensors = _Stripped({(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()})
+    tensors.prefixed = {k[len(PREFIX):] for k in raw if k.startswith(PREFIX)}
     return config, tensors, folder
+
+
+class _Stripped(dict):
+    """Tensors keyed without PEFT's `base_model.model.` prefix; `prefixed` lists keys that had it."""
+
+    prefixed: set[str]
 
 
 def load(model: nn.Module, path: str | Path, name: str | None = None):
@@ -215,6 +359,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
     from loraplex.core.model import AdapterModel
 
     config, tensors, folder = read_adapter_files(path)
+    prefixed = set(tensors.prefixed)
     wrapped = model if isinstance(model, AdapterModel) else AdapterModel(model)
     if name is None:
         name = "default" if "default" not in wrapped.configs else folder.name
@@ -230,7 +375,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
     if pattern != config.rank_pattern:
         config = config.replace(rank_pattern=pattern)
     try:
-        built, saved = wrapped._build(name, config, None)
+        built, saved, shared = wrapped._build(name, config, None)
     except TargetError as err:
         raise AdapterFileError(f"{folder / CONFIG_NAME}: {err} (was the adapter made for another base model?)") from None
     used: set[str] = set()
@@ -240,15 +385,27 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
         try:
             adapter.from_peft(found, f"{weights_file}: {PREFIX}{layer_path}")
         except (KeyError, ValueError) as err:
-            raise AdapterFileError(str(err).strip('"')) from None
+            raise AdapterFileError(str(err.args[0] if err.args else err)) from None
         used |= {f"{layer_path}.{s}" for s in found}
+    if shared is not None:
+        raw = {(PREFIX + k if k in prefixed else k): v for k, v in tensors.items()}
+        try:
+            taken = shared.from_peft(raw)
+        except (KeyError, ValueError) as err:
+            raise AdapterFileError(f"{weights_file}: {str(err).strip(chr(34))}") from None
+        used |= {k[len(PREFIX):] if k[len(PREFIX):] in prefixed else k for k in taken}
     saved_state = _check_saved_modules(wrapped, saved, tensors, weights_file, used)
-    bias_state = {k: v for k, v in tensors.items() if k not in used and k.endswith("bias")}
-    params = dict(wrapped.model.named_parameters())
-    for key, value in bias_state.items():
-        target = params.get(key) or params.get(key.replace(".bias", ".base_layer.bias"))
-        if target is None or target.shape != value.shape:
-            raise AdapterFileError(f"{weights_file}: key {PREFIX}{key} does not fit the model")
+    bias_state = {}
+    modules = candidate_modules(wrapped.model)
+    for key in sorted(set(tensors) - used):
+        if key != "bias" and not key.endswith(".bias"):
+            continue
+        target = _bias_target(modules, key)
+        if target is None or target.shape != tensors[key].shape:
+            raise AdapterFileError(f"{weights_file}: key {PREFIX}{key} does not fit the model"
+                                   + ("" if target is None else f" (saved shape {tuple(tensors[key].shape)}, "
+                                      f"the model needs {tuple(target.shape)})"))
+        bias_state[key] = (target, tensors[key])
         used.add(key)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
@@ -256,16 +413,25 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
                                f"{' …' if len(unexpected) > 5 else ''}: they match no targeted module "
                                "(was the adapter made for another base model?)")
     # Everything fits: now change the model.
-    wrapped._install(name, config, built, saved)
+    wrapped._install(name, config, built, saved, shared)
     with torch.no_grad():
         for path_, state in saved_state.items():
             wrapped.model.get_submodule(path_).modules_to_save[name].load_state_dict(state)
-        params = dict(wrapped.model.named_parameters())
-        for key, value in bias_state.items():
-            target = params.get(key) or params.get(key.replace(".bias", ".base_layer.bias"))
+        for target, value in bias_state.values():
             target.copy_(value)
     wrapped.set_active(name)
     return wrapped
+
+
+def _bias_target(modules: dict[str, nn.Module], key: str) -> nn.Parameter | None:
+    """The base bias a saved key names: `x.bias`, or PEFT's `x.base_layer.bias` / `x.original_module.bias`."""
+    path = key[: -len(".bias")] if key != "bias" else ""
+    for inner in (".base_layer", ".original_module"):
+        if path.endswith(inner):
+            path = path[: -len(inner)]
+            break
+    bias = getattr(modules.get(path), "bias", None)
+    return bias if isinstance(bias, nn.Parameter) else None
 
 
 def _escape(path: str) -> str:
@@ -275,8 +441,6 @@ def _escape(path: str) -> str:
 
 
 def _check_saved_modules(wrapped, saved: list[str], tensors, weights_file, used: set[str]):
-    from loraplex.core.targeting import candidate_modules
-
     modules = candidate_modules(wrapped.model)
     out = {}
     for path in saved:

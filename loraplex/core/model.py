@@ -24,6 +24,7 @@ class AdapterModel(nn.Module):
         self.configs: dict[str, LoraConfig] = {}
         self._shared = SharedState()
         self._bias_params: dict[str, list[str]] = {}   # adapter -> base bias paths it trains
+        self.shared_tensors = nn.ModuleDict()           # adapter -> tensors shared by all its layers
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -48,8 +49,8 @@ class AdapterModel(nn.Module):
         self._check_new_name(name)
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a loraplex.LoraConfig, got {type(config).__name__}")
-        built, saved = self._build(name, config, targets)
-        self._install(name, config, built, saved)
+        built, saved, shared = self._build(name, config, targets)
+        self._install(name, config, built, saved, shared)
         if calibration_data is not None:
             from loraplex.methods import get
 
@@ -68,10 +69,11 @@ class AdapterModel(nn.Module):
                              f"(existing: {', '.join(self.configs)})")
 
     def _build(self, name: str, config: LoraConfig,
-               targets: list[str] | None) -> tuple[dict[str, Adapter], list[str]]:
+               targets: list[str] | None) -> tuple[dict[str, Adapter], list[str], nn.Module | None]:
         """Create the adapter modules without touching the model (so a failure changes nothing).
 
-        Returns the adapters by layer path and the paths of the `modules_to_save`.
+        Returns the adapters by layer path, the paths of the `modules_to_save`, and the module of
+        tensors shared across layers (None for most methods).
         """
         from loraplex.methods import get
 
@@ -79,20 +81,31 @@ class AdapterModel(nn.Module):
         paths = targets if targets is not None else find_targets(self.model, config.targets, config.exclude)
         modules = candidate_modules(self.model)
         saved = set(config.modules_to_save)
-        built = {}
+        specs = {}
         for path in paths:
             if path not in modules:
                 raise TargetError(f"module {path!r} does not exist in {type(self.model).__name__}")
             if any(path == s or path.endswith("." + s) for s in saved):
                 continue
-            r, alpha = config.rank_and_alpha(path)
             try:
-                built[path] = method(LayerSpec.of(modules[path]), r, alpha, config)
+                specs[path] = LayerSpec.of(modules[path])
             except (TypeError, ValueError) as err:
                 raise TargetError(f"{path}: {err}") from None
-        return built, _saved_paths(self.model, config.modules_to_save)
+        shared = method.build_shared(config, specs)
+        extra = {} if shared is None else {"shared": shared}
+        built = {}
+        for path, spec in specs.items():
+            r, alpha = config.rank_and_alpha(path)
+            try:
+                built[path] = method(spec, r, alpha, config, **extra)
+            except (TypeError, ValueError) as err:
+                raise TargetError(f"{path}: {err}") from None
+        return built, _saved_paths(self.model, config.modules_to_save), shared
 
-    def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str]) -> None:
+    def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str],
+                 shared: nn.Module | None = None) -> None:
+        if shared is not None:
+            self.shared_tensors[name] = shared
         for path, adapter in built.items():
             layer = self.model.get_submodule(path)
             if not isinstance(layer, AdaptedLayer):
@@ -105,20 +118,36 @@ class AdapterModel(nn.Module):
                 module = SavedModule(module, self._shared)
                 _set_submodule(self.model, path, module)
             module.add(name)
-        self._bias_params[name] = self._bias_paths(config)
+        self._bias_params[name] = self._bias_paths(config, list(built), saved)
         self.configs[name] = config
         for p in self.model.parameters():  # the base stays frozen; set_active opens the adapters
             p.requires_grad_(False)
         self._update_trainable()
 
-    def _bias_paths(self, config: LoraConfig) -> list[str]:
+    def _bias_paths(self, config: LoraConfig, adapted: list[str], saved: list[str]) -> list[str]:
+        """Paths of the modules (as the user knows them) whose bias this adapter trains.
+
+        Module paths, not parameter names: wrapping and unwrapping layers for other adapters moves a
+        bias between `x.bias` and `x.base_layer.bias`, so the parameter is looked up when needed.
+        "lora_only" means the biases of the layers this adapter adapts, not those of other adapters.
+        """
         if config.bias == "none":
             return []
-        names = [n for n, _ in self.model.named_parameters() if n.endswith("bias")
-                 and ".adapters." not in n and ".modules_to_save." not in n]
-        if config.bias == "lora_only":
-            names = [n for n in names if n.endswith("base_layer.bias")]
-        return names
+        modules = candidate_modules(self.model)
+        paths = adapted if config.bias == "lora_only" else [
+            p for p in modules if not any(p == s or p.startswith(s + ".") for s in saved)]
+        return [p for p in paths if isinstance(getattr(modules[p], "bias", None), nn.Parameter)]
+
+    def bias_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The base biases adapter `name` trains, keyed by their current parameter names (PEFT's)."""
+        modules = candidate_modules(self.model)
+        out = {}
+        for path in self._bias_params.get(name, []):
+            wrapper = self.model.get_submodule(path)
+            inner = ("base_layer." if isinstance(wrapper, AdaptedLayer)
+                     else "original_module." if isinstance(wrapper, SavedModule) else "")
+            out[f"{path}.{inner}bias"] = modules[path].bias
+        return out
 
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter everywhere; layers left with none are unwrapped (memory really freed)."""
@@ -127,6 +156,7 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdaptedLayer) and name in module.adapters:
                 if any(n == name for n, _ in module.merged):
                     raise RuntimeError(f"adapter {name!r} is merged; call unmerge() before deleting it")
+                module.adapters[name].on_delete(module.spec)
                 del module.adapters[name]
                 module._stack_cache = None
                 if not module.adapters:
@@ -136,6 +166,8 @@ class AdapterModel(nn.Module):
                 if not module.modules_to_save:
                     _set_submodule(self.model, path, module.original_module)
         del self.configs[name]
+        if name in self.shared_tensors:
+            del self.shared_tensors[name]
         self._bias_params.pop(name, None)
         self._shared.active = [(n, w) for n, w in self._shared.active if n != name]
         self._update_trainable()
@@ -162,13 +194,15 @@ class AdapterModel(nn.Module):
             for n, child in children.items():
                 for p in child.parameters():
                     p.requires_grad_(n in active)
-        params = dict(self.model.named_parameters())
-        for n, paths in self._bias_params.items():
-            for path in paths:
-                params[path].requires_grad_(n in active)
+        for n, shared in self.shared_tensors.items():
+            for p in shared.parameters():
+                p.requires_grad_(n in active)
+        for n in self._bias_params:
+            for p in self.bias_parameters(n).values():
+                p.requires_grad_(False)
         for n in active:
-            for path in self._bias_params[n]:
-                params[path].requires_grad_(True)
+            for p in self.bias_parameters(n).values():
+                p.requires_grad_(True)
 
     def _require(self, name: str) -> None:
         if name not in self.configs:
@@ -233,6 +267,7 @@ class AdapterModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.configs.clear()
+        self._bias_params.clear()
         self._shared.active = []
         return model
 
@@ -241,7 +276,9 @@ class AdapterModel(nn.Module):
 
     # --- parameters ---
     def named_trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        own = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        shared = {f"shared_tensors.{n}": p for n, p in self.shared_tensors.named_parameters() if p.requires_grad}
+        return own | shared
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters that train: those of the active adapters (plus trained biases)."""
@@ -276,13 +313,16 @@ class AdapterModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # --- files ---
-    def save(self, path, name: str | None = None) -> None:
-        """Save in PEFT's format: one adapter to `path`, or all (`default` at `path`, others in subfolders)."""
+    def save(self, path, name: str | None = None, *, as_lora: bool = False) -> None:
+        """Save in PEFT's format: one adapter to `path`, or all (`default` at `path`, others in subfolders).
+
+        `as_lora=True` converts each adapter to a plain LoRA for the unmodified base (PiSSA-style methods).
+        """
         from loraplex.core.io import save_adapter
 
         if name is not None:
             self._require(name)
-            save_adapter(self, name, path)
+            save_adapter(self, name, path, as_lora)
             return
         if not self.configs:
             raise ValueError("there is no adapter to save")
@@ -290,7 +330,7 @@ class AdapterModel(nn.Module):
 
         for n in self.configs:
             root = n == "default" or len(self.configs) == 1
-            save_adapter(self, n, path if root else os.path.join(path, n))
+            save_adapter(self, n, path if root else os.path.join(path, n), as_lora)
 
 
 def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "default", *,

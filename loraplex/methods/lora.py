@@ -116,25 +116,28 @@ class LoraAdapter(Adapter):
     def _weight_norm(spec: LayerSpec, delta: torch.Tensor) -> torch.Tensor:
         return (spec.weight.float() + delta).norm(dim=1)
 
-    def _low_rank(self, x: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-        """s · B A x for this layer kind, in the adapter's dtype."""
+    def _low_rank(self, x: torch.Tensor, spec: LayerSpec, dropout: bool = True) -> torch.Tensor:
+        """s · B A x for this layer kind, in the adapter's dtype (`dropout=False`: x is dropped out already)."""
         if spec.kind == EMBEDDING:
             base = spec.base
             xa = F.embedding(x, self.lora_A.t(), base.padding_idx, base.max_norm, base.norm_type,
                              base.scale_grad_by_freq, base.sparse)
             return (xa @ self.lora_B.t()) * self.scale
         x = x.to(self.lora_A.dtype)
-        if self.dropout is not None:
+        if self.dropout is not None and dropout:
             x = self.dropout(x)
         if spec.kind == CONV:
-            conv = F.conv1d if x.dim() == 3 else F.conv2d
+            conv = F.conv1d if self.lora_A.dim() == 3 else F.conv2d
             base = spec.base
             xa = conv(x, self.lora_A, None, base.stride, base.padding, base.dilation)
             return conv(xa, self.lora_B) * self.scale
         return ((x @ self.lora_A.t()) @ self.lora_B.t()) * self.scale
 
     def delta(self, x: torch.Tensor, base_out: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
-        low_rank = self._low_rank(x, spec)
+        dropped = None
+        if self.use_dora and self.dropout is not None and self.training:
+            dropped = self.dropout(x)  # one mask: PEFT's W and B A both see the same dropped-out input
+        low_rank = self._low_rank(x, spec) if dropped is None else self._low_rank(dropped, spec, dropout=False)
         if not self.use_dora:
             return low_rank.to(base_out.dtype)
         # DoRA: (m/n - 1) ⊙ W x + (m/n) ⊙ s B A x, n detached.
@@ -142,8 +145,8 @@ class LoraAdapter(Adapter):
         ratio = (self.magnitude.float() / norm).to(low_rank.dtype)
         bias = spec.bias
         wx = base_out if bias is None else base_out - bias
-        if self.dropout is not None and self.training:
-            wx = F.linear(self.dropout(x), spec.weight)  # PEFT: W sees the dropped-out input too
+        if dropped is not None:
+            wx = F.linear(dropped, spec.weight)
         return ((ratio - 1) * wx.to(low_rank.dtype) + ratio * low_rank).to(base_out.dtype)
 
     def fused_forward(self, x: torch.Tensor, spec: LayerSpec, weight: float) -> torch.Tensor | None:
@@ -159,6 +162,11 @@ class LoraAdapter(Adapter):
         y = x2 @ w.t() if b is None else torch.addmm(b, x2, w.t())
         y.addmm_(x2 @ self.lora_A.t(), self.lora_B.t(), alpha=self.scale * weight)
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def as_lora(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_dora or spec.kind not in (LINEAR, GPT2_CONV1D):
+            return super().as_lora(spec)
+        return self.lora_A.detach().float(), self.lora_B.detach().float() * self.scale
 
     def delta_weight(self, spec: LayerSpec) -> torch.Tensor:
         if self.use_dora:

@@ -616,8 +616,8 @@ def _load_gguf(gguf: Path, cache_dir: Path) -> tuple[torch.nn.Module, Any, bool,
     final = models_dir / key
     name = display_name(gguf)
 
-    if is_valid_cache(final):
-        return (*_load_cached(final, name, gguf), True, final)
+    if is_valid_cache(final) and (cached := _try_load_cached(final, name, gguf)) is not None:
+        return (*cached, True, final)
 
     try:
         models_dir.mkdir(parents=True, exist_ok=True)
@@ -627,10 +627,12 @@ def _load_gguf(gguf: Path, cache_dir: Path) -> tuple[torch.nn.Module, Any, bool,
         return model, tokenizer, False, gguf
 
     with _build_lock(models_dir / f".{key}.lock", final):
-        if is_valid_cache(final):  # another process built it while we waited
-            return (*_load_cached(final, name, gguf), True, final)
+        # Another process may have built it while we waited. A damaged cache falls through and is
+        # replaced by `_write_cache`.
+        if is_valid_cache(final) and (cached := _try_load_cached(final, name, gguf)) is not None:
+            return (*cached, True, final)
         _remove_stale(models_dir, key)
-        logger.info("dequantising %s (first run, ~30 s on CPU); caching to %s", gguf, final)
+        logger.info("dequantising %s (first run, 30-60 s on CPU); caching to %s", gguf, final)
         started = time.perf_counter()
         model, tokenizer = _dequantise_gguf(gguf)
         logger.info("dequantised %s in %.1f s", gguf.name, time.perf_counter() - started)
@@ -641,6 +643,15 @@ def _load_gguf(gguf: Path, cache_dir: Path) -> tuple[torch.nn.Module, Any, bool,
             logger.warning("could not write the model cache %s (%s); the next load will dequantise again", final, exc)
             return model, tokenizer, False, gguf
     return model, tokenizer, False, final
+
+
+def _try_load_cached(path: Path, name: str, gguf: Path) -> tuple[torch.nn.Module, Any] | None:
+    """`_load_cached`, or `None` (with a warning) when the cache directory turns out damaged."""
+    try:
+        return _load_cached(path, name, gguf)
+    except Exception as exc:
+        logger.warning("the model cache %s is damaged (%s: %s); rebuilding it", path, type(exc).__name__, exc)
+        return None
 
 
 def _load_cached(path: Path, name: str, gguf: Path) -> tuple[torch.nn.Module, Any]:
