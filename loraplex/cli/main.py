@@ -34,6 +34,7 @@ TRAIN_HELP = {
     "eval_samples": "held-out examples for scoring", "eval_every": "score the held-out set every N steps (0: only "
     "before and after)", "eval_batch_size": "rows per generation batch when scoring",
     "max_length": "longest sequence in tokens; longer examples are an error",
+    "calibration_batches": "training batches shown to data-driven initialisations (EVA, LoRA-GA, ...)",
     "checkpoint_every": "write a checkpoint every N steps (also on Ctrl-C / SIGTERM)",
     "output": "output folder (adapter, log, loss.png, report.json, report.md)",
     "resume": "continue the run in --output from its last checkpoint",

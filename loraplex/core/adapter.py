@@ -123,6 +123,10 @@ class Adapter(nn.Module):
         """
         raise TypeError(f"method {self.method!r} cannot be expressed as a plain LoRA")
 
+    def on_install(self, spec: LayerSpec) -> None:
+        """Called once the adapter is attached (build never touches the model; this may, e.g. to
+        replace the base weight by a residual as PiSSA does). `on_delete` must undo it."""
+
     def on_delete(self, spec: LayerSpec) -> None:
         """Undo what the adapter did to the base layer (e.g. a rewritten weight) when it is removed."""
 

@@ -112,6 +112,7 @@ class AdapterModel(nn.Module):
                 layer = AdaptedLayer(layer, self._shared)
                 _set_submodule(self.model, path, layer)
             layer.adapters[name] = adapter
+            adapter.on_install(layer.spec)
         for path in saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, SavedModule):

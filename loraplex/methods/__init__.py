@@ -25,4 +25,14 @@ def get(name: str) -> type[Adapter]:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
 
 
-from loraplex.methods import lora  # noqa: E402,F401  (registers "lora")
+def _import_all() -> None:
+    """Import every module of this package so each registers its method (adding a method = adding a file)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -63,6 +63,7 @@ class TrainConfig:
     eval_batch_size: int = 50
     max_length: int = 256
     checkpoint_every: int = 20
+    calibration_batches: int = 4      # for data-driven initialisations (PiSSA, EVA, LoRA-GA, ...)
     output: str = "runs/default"
     resume: bool = False
     overwrite: bool = False
@@ -240,6 +241,11 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
              cfg.data, len(encoded), min(lengths), max(lengths), len(test_examples), total_steps,
              cfg.batch_size, cfg.grad_accum)
 
+    def micro_batch(index: int) -> dict[str, torch.Tensor]:
+        epoch, position = divmod(index, batches_per_epoch)
+        order = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        return collate([encoded[i] for i in order[position]], tokenizer.pad_token_id)
+
     checkpoint = find_checkpoint(out) if cfg.resume else None
     progress: dict[str, Any] = {}
     if checkpoint is not None:
@@ -258,7 +264,16 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
 
         model = load(model, checkpoint / "adapter", name=ADAPTER_NAME)
     else:
-        model = attach(model, cfg.lora_config(), ADAPTER_NAME)
+        from loraplex.methods import get
+
+        calibration = None
+        if hasattr(get(cfg.method), "calibrate"):  # data-driven inits see a few training batches
+            calibration = [micro_batch(i) for i in range(min(cfg.calibration_batches, batches_per_epoch))]
+            t0 = time.perf_counter()
+        model = attach(model, cfg.lora_config(), ADAPTER_NAME, calibration_data=calibration)
+        if calibration is not None:
+            log.info("%s initialisation from %d calibration batches took %.1f s", cfg.method, len(calibration),
+                     time.perf_counter() - t0)
     trainable = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in trainable)
     log.info("adapter %s (r=%d) on %d layers: %s trainable parameters", cfg.method, cfg.r,
@@ -277,11 +292,6 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # 4. train
-    def micro_batch(index: int) -> dict[str, torch.Tensor]:
-        epoch, position = divmod(index, batches_per_epoch)
-        order = length_bucketed_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        return collate([encoded[i] for i in order[position]], tokenizer.pad_token_id)
-
     def progress_state(step: int) -> dict[str, Any]:
         return {"step": step, "train_seconds": train_seconds, "base_score": base_score, "total_steps": total_steps}
 
