@@ -233,7 +233,11 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     test_examples = load_data(cfg.data, "test", cfg.eval_samples, cfg.seed, skip_bad_lines=cfg.skip_bad_lines)
     if not test_examples:
         raise ValueError(f"{cfg.data}: the held-out split is empty; give more (distinct) examples")
-    encoded = encode_all(tokenizer, train_examples, cfg.max_length)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    max_length = min(cfg.max_length, context) if context else cfg.max_length
+    if max_length < cfg.max_length:
+        log.info("max_length %d exceeds the model's context of %d tokens; using %d", cfg.max_length, context, context)
+    encoded = encode_all(tokenizer, train_examples, max_length)
     lengths = [len(e.input_ids) for e in encoded]
     batches_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total_steps = (math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum) if cfg.epochs else cfg.steps)
