@@ -46,7 +46,7 @@ def step_flops(model, batch) -> float:
     """Matmul FLOPs of one step: body forward + input-gradient backward (frozen weights), LoRA's own
     forward/backward, and the output head at the positions each side computes it."""
     cfg = model.config
-    d, v, layers = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    d, layers = cfg.hidden_size, cfg.num_hidden_layers
     kv = d // cfg.num_attention_heads * cfg.num_key_value_heads
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * cfg.intermediate_size
     tokens = int(batch["attention_mask"].sum())

@@ -102,9 +102,25 @@ def hf_ids(batch: int = 3, seq: int = 6, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, HF_VOCAB, (batch, seq), generator=g)
 
 
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine each op can wait tens of
+    milliseconds for a descheduled OpenMP worker; run them on one thread (restored afterwards)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(DEFAULT_THREADS)
+
+
 @pytest.fixture
-def zoo_model() -> Zoo:
-    return zoo()
+def all_threads():
+    """Real models do gain from threads: undo `one_thread` for one test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -273,6 +273,36 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from loraplex.models import load_model
+    from loraplex.serving.engine import Engine
+    from loraplex.serving.server import serve
+
+    token = args.admin_token or os.environ.get("LORAPLEX_ADMIN_TOKEN") or None
+    loaded = load_model(args.model)
+    if loaded.kind != "causal-lm":
+        raise SystemExit(f"error: {loaded.source} is not a causal LM; `serve` generates text")
+    name = args.served_model_name or (args.model or "smollm2")
+    engine = Engine(loaded.model, loaded.tokenizer, model_name=name, max_active=args.max_active,
+                    max_cached=max(args.max_cached, args.max_active), max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+                    max_new_tokens=args.max_tokens)
+    for spec in args.adapter or []:
+        adapter_name, sep, path = spec.partition("=")
+        if not sep:
+            adapter_name, path = Path(spec).name or "adapter", spec
+        engine.add_adapter(adapter_name, path)
+    for folder in args.adapter_dir or []:
+        engine.add_adapter_dir(folder)
+    names = engine.pool.names()
+    log.info("serving %s with %d adapter(s) on http://%s:%d (admin endpoints %s)", name, len(names), args.host,
+             args.port, "on" if token else "off")
+    serve(engine, host=args.host, port=args.port, admin_token=token, request_timeout=args.request_timeout)
+    return 0
+
+
 def _adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model (default: embedded smollm2)")
     p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
@@ -339,6 +369,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the adapter methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server for the base model and many adapters",
+                       description="Serve one base model and many adapters over HTTP (/v1/completions, "
+                       "/v1/chat/completions with the adapter chosen by `model`). Needs the serve extra "
+                       "(fastapi, uvicorn).")
+    p.add_argument("--model", default=None, help="base model (default: embedded smollm2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter folder (PEFT format), repeatable; read and checked at start")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="folder of adapter folders, each served under its folder name (read on first use)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token for the admin endpoints (default: $LORAPLEX_ADMIN_TOKEN; none: disabled)")
+    p.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: --model)")
+    p.add_argument("--max-active", type=int, default=8, help="adapters on the compute device at once")
+    p.add_argument("--max-cached", type=int, default=64, help="adapters kept in host memory")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context length)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails with 504")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -138,7 +138,13 @@ class Adapter(nn.Module):
         """Change of the base weight, in `spec.weight`'s layout, float32."""
         raise TypeError(f"method {self.method!r} is not mergeable: its update is not a weight delta")
 
-    def merge(self, spec: LayerSpec, weight: float) -> None:
+    def merge(self, spec: LayerSpec, weight: float, base_weight: torch.Tensor | None = None) -> None:
+        """Fold `weight` times this adapter into `spec.weight`.
+
+        `base_weight` (float32) is the unmerged base weight when other adapters are merged into
+        `spec.weight` already; an update that depends on the base weight must use it (None: spec.weight
+        is the unmerged base). Every adapter's update is defined on the bare base, as in `forward`.
+        """
         w = spec.weight
         w.data += (weight * self.delta_weight(spec)).to(w.dtype)
 

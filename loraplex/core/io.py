@@ -51,9 +51,10 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
     """Replace several files in one folder together.
 
     Every file is first written in full to a temp file next to it and fsynced; only then are they
-    renamed into place. If a write fails nothing is replaced; if a rename fails the files already
-    replaced are put back (from hard links taken beforehand), so readers see all old or all new files.
-    Temp files left by a killed process are removed by the next write to the folder.
+    renamed into place (in the order given). If a write fails nothing is replaced; if a rename fails
+    the files already replaced are put back from hard links taken beforehand. A process killed between
+    two renames leaves those links behind, so a reader can still find the old set (see
+    `_weights_of_save`); the next successful write to the folder removes such leftovers.
     """
     staged: list[tuple[str, Path]] = []
     backups: dict[Path, str] = {}
@@ -61,7 +62,6 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temps(path.parent)
             staged.append((_write_temp(path, data), path))
         for _, path in staged:
             if path.exists():
@@ -86,6 +86,8 @@ def atomic_write_files(files: dict[Path, bytes]) -> None:
                 os.unlink(leftover)
     for folder in {path.parent for path in files}:
         _fsync_dir(folder)
+        # only now: a killed writer's backups may be what makes the old files loadable (`_weights_of_save`)
+        _remove_stale_temps(folder)
 
 
 def _temp_name(path: Path, suffix: str) -> str:
@@ -338,11 +340,29 @@ def read_adapter_files(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Te
     ours = data.get("loraplex")
     config_id = ours.get(SAVE_ID) if isinstance(ours, dict) else None
     if config_id and metadata.get(SAVE_ID) and metadata[SAVE_ID] != config_id:
-        raise AdapterFileError(f"{weights_file}: written by another save than {config_file} (an interrupted "
-                               "save, or files of two adapters mixed); save the adapter again")
+        raw = _weights_of_save(folder, config_id)
+        if raw is None:
+            raise AdapterFileError(f"{weights_file}: written by another save than {config_file} (an interrupted "
+                                   "save, or files of two adapters mixed); save the adapter again")
     tensors = _Stripped({(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in raw.items()})
     tensors.prefixed = {k[len(PREFIX):] for k in raw if k.startswith(PREFIX)}
     return config, tensors, folder
+
+
+def _weights_of_save(folder: Path, save_id: str) -> dict[str, torch.Tensor] | None:
+    """The weights that go with a config whose save was killed between its two renames.
+
+    `atomic_write_files` hard-links the old files before replacing them (weights first, config
+    last); a writer killed in between leaves new weights, the old config and the old weights' link.
+    """
+    for entry in sorted(folder.glob(f".{WEIGHTS_NAME}.*.bak")):
+        try:
+            with safe_open(entry, "pt") as f:
+                if (f.metadata() or {}).get(SAVE_ID) == save_id:
+                    return load_file(entry)
+        except (SafetensorError, OSError, ValueError, RuntimeError):
+            continue
+    return None
 
 
 class _Stripped(dict):
@@ -364,6 +384,7 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
     if name is None:
         name = "default" if "default" not in wrapped.configs else folder.name
     wrapped._check_new_name(name)
+    wrapped._refuse_if_merged(f"load adapter {name!r}")
     weights_file = folder / WEIGHTS_NAME
     ranks = {k[: -len(".lora_A.weight")]: v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A.weight")}
     ranks |= {k[: -len(".lora_embedding_A")]: v.shape[0] for k, v in tensors.items()
@@ -374,8 +395,11 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
             pattern[_escape(path_)] = r
     if pattern != config.rank_pattern:
         config = config.replace(rank_pattern=pattern)
+    from loraplex.methods.lora import values_from_file
+
     try:
-        built, saved, shared = wrapped._build(name, config, None)
+        with values_from_file():  # every factor is copied from the file below: no random init
+            built, saved, shared = wrapped._build(name, config, None)
     except TargetError as err:
         raise AdapterFileError(f"{folder / CONFIG_NAME}: {err} (was the adapter made for another base model?)") from None
     used: set[str] = set()
@@ -396,10 +420,12 @@ def load(model: nn.Module, path: str | Path, name: str | None = None):
         used |= {k[len(PREFIX):] if k[len(PREFIX):] in prefixed else k for k in taken}
     saved_state = _check_saved_modules(wrapped, saved, tensors, weights_file, used)
     bias_state = {}
-    modules = candidate_modules(wrapped.model)
+    modules = None  # walking the model is slow: only for files that carry base biases
     for key in sorted(set(tensors) - used):
         if key != "bias" and not key.endswith(".bias"):
             continue
+        if modules is None:
+            modules = candidate_modules(wrapped.model)
         target = _bias_target(modules, key)
         if target is None or target.shape != tensors[key].shape:
             raise AdapterFileError(f"{weights_file}: key {PREFIX}{key} does not fit the model"
@@ -441,6 +467,8 @@ def _escape(path: str) -> str:
 
 
 def _check_saved_modules(wrapped, saved: list[str], tensors, weights_file, used: set[str]):
+    if not saved:
+        return {}
     modules = candidate_modules(wrapped.model)
     out = {}
     for path in saved:

@@ -31,6 +31,36 @@ class MixedBatchPlan:
                      for name in self.names}
 
 
+def _contiguous_runs(plan: MixedBatchPlan) -> dict[str, tuple[int, int]] | None:
+    """Adapter -> (first row, end row) when every adapter serves one contiguous block of rows, else None.
+
+    Worked out once per plan (cached on it) and read by every adapted layer.
+    """
+    cached = plan.__dict__.get("_contiguous_runs", False)
+    if cached is not False:
+        return cached
+    ids, runs, start = plan.adapter_ids, {}, 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            name = ids[start]
+            if name is not None:
+                if name in runs:
+                    runs = None
+                    break
+                runs[name] = (start, i)
+            start = i
+    plan.__dict__["_contiguous_runs"] = runs
+    return runs
+
+
+def _rows_by_slot(plan: MixedBatchPlan) -> torch.Tensor:
+    """The batch rows ordered by their slot (cached on the plan)."""
+    order = plan.__dict__.get("_rows_by_slot")
+    if order is None:
+        order = plan.__dict__["_rows_by_slot"] = torch.argsort(plan.slots)
+    return order
+
+
 @dataclass
 class SharedState:
     """State every wrapper of one `AdapterModel` reads during a forward pass."""
@@ -90,11 +120,13 @@ class AdaptedLayer(nn.Module):
         return out
 
     def _can_batch(self, names: list[str]) -> bool:
-        """Plain LoRA on linear layers, several adapters: one pair of batched products serves all rows."""
-        if len(names) < 2 or self.spec.kind not in (LINEAR, GPT2_CONV1D):
+        """Plain LoRA on linear layers (no dropout active): the rows are served by plain or batched
+        products on the base output, without copying rows out and back in."""
+        if not names or self.spec.kind not in (LINEAR, GPT2_CONV1D):
             return False
         adapters = [self.adapters[n] for n in names]
-        return all(getattr(a, "method", "") == "lora" and not a.use_dora and a.dropout is None
+        return all(getattr(a, "method", "") == "lora" and not a.use_dora
+                   and (a.dropout is None or not a.dropout.training)   # dropout is the identity in eval
                    for a in adapters) and len({a.lora_A.dtype for a in adapters}) == 1
 
     def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,21 +152,64 @@ class AdaptedLayer(nn.Module):
         return a_stack, b_stack
 
     def _batched_low_rank(self, x: torch.Tensor, base_out: torch.Tensor, plan: MixedBatchPlan) -> torch.Tensor:
-        a_stack, b_stack = self._stacks(plan.names)
-        a_rows, b_rows = a_stack[plan.slots], b_stack[plan.slots]   # (B, r, d_in), (B, r, d_out)
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
+        """Add each row's s·B A x to `base_out` in place. Three ways, by what is cheapest:
+
+        * few adapters, each on one contiguous block of rows: one pair of plain products per adapter
+          on views of that block (no copies);
+        * every row its own adapter and few tokens per row (decoding): rows are put in slot order so
+          the stacked factors are used as they are (moving tokens is cheaper than moving factors);
+        * otherwise each row's factors are gathered from the stacks for a pair of batched products.
+        """
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
         out3 = base_out.reshape(base_out.shape[0], -1, base_out.shape[-1])
-        xa = torch.bmm(x3, a_rows.transpose(1, 2))
+        runs = _contiguous_runs(plan)
+        if runs is not None and 4 * len(runs) <= plan.batch_size and out3.is_contiguous():
+            d_in, d_out = x3.shape[-1], out3.shape[-1]
+            adapters = self.adapters
+            if all(x.dtype == out3.dtype == adapters[n].lora_A.dtype for n in runs if n in adapters):
+                for name, (start, stop) in runs.items():
+                    if name in adapters:
+                        a = adapters[name]
+                        rows = out3[start:stop].view(-1, d_out)
+                        rows.addmm_(x3[start:stop].reshape(-1, d_in) @ a.lora_A.t(), a.lora_B.t(), alpha=a.scale)
+                return out3.view(base_out.shape)
+        a_stack, b_stack = self._stacks(plan.names)
+        if len(plan.names) == plan.batch_size and 4 * x3.shape[1] <= a_stack.shape[1]:
+            # distinct adapters, one per row (no bare-base rows): slots are a permutation of the rows
+            order = _rows_by_slot(plan)
+            n = plan.batch_size
+            xa = torch.bmm(x3.index_select(0, order).to(a_stack.dtype), a_stack[:n].transpose(1, 2))
+            out3.index_add_(0, order, torch.bmm(xa, b_stack[:n]).to(out3.dtype))
+            return out3.view(base_out.shape)
+        a_rows = a_stack.index_select(0, plan.slots)   # (B, r, d_in)
+        b_rows = b_stack.index_select(0, plan.slots)   # (B, r, d_out)
+        xa = torch.bmm(x3.to(a_rows.dtype), a_rows.transpose(1, 2))
         if out3.dtype == xa.dtype:
             out3.baddbmm_(xa, b_rows)
         else:
             out3 += torch.bmm(xa, b_rows).to(out3.dtype)
-        return base_out
+        return out3.view(base_out.shape)
 
     # --- merging ---
     def merge(self, name: str, weight: float) -> None:
-        self.adapters[name].merge(self.spec, weight)
-        self.merged.append((name, weight))
+        self.merge_many([(name, weight)])
+
+    def merge_many(self, entries: Sequence[tuple[str, float]]) -> None:
+        """Merge several adapters; each one's update is computed from the bare base weight.
+
+        When adapters are merged already they are unmerged first and merged again together with the
+        new ones, all against the restored base weight (DoRA's update depends on it).
+        """
+        if not entries:
+            return
+        entries = [*self.merged, *entries]
+        base = None
+        if len(entries) > 1:
+            self.unmerge_all()
+            base = self.spec.weight.detach().float().clone()
+        for name, weight in entries:
+            self.adapters[name].merge(self.spec, weight, base)
+            self.merged.append((name, weight))
 
     def unmerge_all(self) -> None:
         while self.merged:

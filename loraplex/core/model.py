@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ class AdapterModel(nn.Module):
                     targets: list[str] | None = None) -> None:
         """Attach a new adapter named `name` (not activated unless it is the first one)."""
         self._check_new_name(name)
+        self._refuse_if_merged(f"add adapter {name!r}")
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a loraplex.LoraConfig, got {type(config).__name__}")
         built, saved, shared = self._build(name, config, targets)
@@ -60,6 +62,13 @@ class AdapterModel(nn.Module):
             init(self, name, calibration_data)
         if len(self.configs) == 1:
             self.set_active(name)
+
+    def _refuse_if_merged(self, what: str) -> None:
+        """New adapters initialise from the base weights (DoRA's magnitude, SVD-based inits), which hold
+        other adapters' deltas while merged; refuse rather than build on the wrong weights."""
+        merged = sorted({n for layer in self.adapted_layers().values() for n, _ in layer.merged})
+        if merged:
+            raise RuntimeError(f"cannot {what} while adapter(s) {', '.join(merged)} are merged; call unmerge() first")
 
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or "." in name or "/" in name:
@@ -78,15 +87,21 @@ class AdapterModel(nn.Module):
         from loraplex.methods import get
 
         method = get(config.method)
-        paths = targets if targets is not None else find_targets(self.model, config.targets, config.exclude)
-        modules = candidate_modules(self.model)
-        saved = set(config.modules_to_save)
+        if targets is None:
+            paths = find_targets(self.model, config.targets, config.exclude)
+            # the same mapping as candidate_modules (which find_targets just walked), without a second walk
+            modules = {p: _user_module(self.model.get_submodule(p)) for p in paths}
+        else:
+            paths = targets
+            modules = candidate_modules(self.model)
+        saved_paths = _saved_paths(self.model, config.modules_to_save)
+        self._check_adapted_vs_saved(name, paths, saved_paths)
         specs = {}
         for path in paths:
             if path not in modules:
                 raise TargetError(f"module {path!r} does not exist in {type(self.model).__name__}")
-            if any(path == s or path.endswith("." + s) for s in saved):
-                continue
+            if any(path == s or path.startswith(s + ".") for s in saved_paths):
+                continue  # trained in full: neither it nor its children get low-rank adapters
             try:
                 specs[path] = LayerSpec.of(modules[path])
             except (TypeError, ValueError) as err:
@@ -100,7 +115,27 @@ class AdapterModel(nn.Module):
                 built[path] = method(spec, r, alpha, config, **extra)
             except (TypeError, ValueError) as err:
                 raise TargetError(f"{path}: {err}") from None
-        return built, _saved_paths(self.model, config.modules_to_save), shared
+        return built, saved_paths, shared
+
+    def _check_adapted_vs_saved(self, name: str, targets: list[str], saved: list[str]) -> None:
+        """A module is either adapted (low rank) or trained in full (`modules_to_save`), never both.
+
+        Wrapping one kind of wrapper inside the other would copy other adapters into the full copy
+        and put their tensors under paths PEFT does not know; refuse it before touching anything.
+        """
+        wrappers = dict(self._wrappers())
+        for path in targets:
+            module = wrappers.get(path)
+            if isinstance(module, SavedModule) and not any(path == s for s in saved):
+                raise TargetError(f"{path} is trained in full for adapter(s) {', '.join(module.modules_to_save)} "
+                                  f"(modules_to_save), so adapter {name!r} cannot also adapt it; exclude it")
+        for s in saved:
+            adapted = [p for p, m in wrappers.items() if isinstance(m, AdaptedLayer) and (p == s or p.startswith(s + "."))]
+            if adapted:
+                owners = sorted({n for p in adapted for n in wrappers[p].adapters})
+                raise TargetError(f"modules_to_save {s!r} of adapter {name!r} holds layer(s) adapted by "
+                                  f"{', '.join(owners)} ({', '.join(adapted[:3])}); a module cannot be both adapted "
+                                  "and trained in full")
 
     def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str],
                  shared: nn.Module | None = None) -> None:
@@ -121,9 +156,7 @@ class AdapterModel(nn.Module):
             module.add(name)
         self._bias_params[name] = self._bias_paths(config, list(built), saved)
         self.configs[name] = config
-        for p in self.model.parameters():  # the base stays frozen; set_active opens the adapters
-            p.requires_grad_(False)
-        self._update_trainable()
+        self._update_trainable(freeze_base=True)  # the base stays frozen; set_active opens the adapters
 
     def _bias_paths(self, config: LoraConfig, adapted: list[str], saved: list[str]) -> list[str]:
         """Paths of the modules (as the user knows them) whose bias this adapter trains.
@@ -153,6 +186,8 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter everywhere; layers left with none are unwrapped (memory really freed)."""
         self._require(name)
+        for p in self.bias_parameters(name).values():  # frozen again unless an active adapter trains them
+            p.requires_grad_(False)
         for path, module in list(self._wrappers()):
             if isinstance(module, AdaptedLayer) and name in module.adapters:
                 if any(n == name for n, _ in module.merged):
@@ -184,26 +219,55 @@ class AdapterModel(nn.Module):
             raise ValueError(f"got {len(weights)} weights for {len(names)} adapters")
         if any(w != 1.0 for w in weights) and any(self.configs[n].modules_to_save for n in names):
             raise ValueError("weighted combinations cannot include adapters with modules_to_save")
-        self._shared.active = [(n, float(w)) for n, w in zip(names, weights)]
+        active = [(n, float(w)) for n, w in zip(names, weights)]
+        if active != self._shared.active and any(layer.merged for layer in self.adapted_layers().values()):
+            # Merged adapters would stay in the weights and add to the new ones (PEFT unmerges too).
+            warnings.warn("switching adapters unmerged the merged ones; call merge() again to fold in the new "
+                          "active adapters", stacklevel=2)
+            self.unmerge()
+        self._shared.active = active
         self._update_trainable()
 
-    def _update_trainable(self) -> None:
-        """Parameters of the active adapters train; everything else is frozen."""
+    def _update_trainable(self, freeze_base: bool = False) -> None:
+        """Parameters of the active adapters train; everything else is frozen.
+
+        `freeze_base`: first freeze every parameter of the model (done in the same walk).
+        """
         active = {n for n, _ in self._shared.active}
-        for _path, module in self._wrappers():
+        # One walk over the modules `named_modules` visits, without building their path names (this
+        # runs on every add / load / set_active, over a model holding hundreds of wrappers).
+        wrappers, seen, stack = [], set(), [self.model]
+        while stack:
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            if freeze_base:
+                for p in module._parameters.values():
+                    if p is not None:
+                        p.requires_grad_(False)
+            if isinstance(module, (AdaptedLayer, SavedModule)):
+                wrappers.append(module)
+            stack.extend(m for m in module._modules.values() if m is not None)
+        for module in wrappers:
             children = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
             for n, child in children.items():
-                for p in child.parameters():
-                    p.requires_grad_(n in active)
+                on = n in active
+                for p in (child.parameters() if child._modules else child._parameters.values()):
+                    if p is not None:
+                        p.requires_grad_(on)
         for n, shared in self.shared_tensors.items():
             for p in shared.parameters():
                 p.requires_grad_(n in active)
-        for n in self._bias_params:
+        # bias_parameters walks the whole model: only ask for adapters that train biases at all
+        with_bias = [n for n, paths in self._bias_params.items() if paths]
+        for n in with_bias:
             for p in self.bias_parameters(n).values():
                 p.requires_grad_(False)
-        for n in active:
-            for p in self.bias_parameters(n).values():
-                p.requires_grad_(True)
+        for n in with_bias:
+            if n in active:
+                for p in self.bias_parameters(n).values():
+                    p.requires_grad_(True)
 
     def _require(self, name: str) -> None:
         if name not in self.configs:
@@ -231,9 +295,7 @@ class AdapterModel(nn.Module):
         finally:
             self._shared.disabled = previous
             for p, entries in merged.items():
-                layer = self.model.get_submodule(p)
-                for name, weight in entries:
-                    layer.merge(name, weight)
+                self.model.get_submodule(p).merge_many(entries)
 
     # --- merging ---
     def merge(self) -> None:
@@ -244,9 +306,8 @@ class AdapterModel(nn.Module):
         with torch.no_grad():
             for layer in self.adapted_layers().values():
                 done = {n for n, _ in layer.merged}
-                for name, weight in self._shared.active:
-                    if name in layer.adapters and name not in done:
-                        layer.merge(name, weight)
+                layer.merge_many([(name, weight) for name, weight in self._shared.active
+                                  if name in layer.adapters and name not in done])
 
     def unmerge(self) -> None:
         with torch.no_grad():
@@ -343,6 +404,15 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
     wrapped = AdapterModel(model)
     wrapped.add_adapter(name, config or LoraConfig(), calibration_data=calibration_data)
     return wrapped
+
+
+def _user_module(module: nn.Module) -> nn.Module:
+    """A module as the user knows it: the wrapped layer for our wrappers (as `candidate_modules`)."""
+    if isinstance(module, AdaptedLayer):
+        return module.base_layer
+    if isinstance(module, SavedModule):
+        return module.original_module
+    return module
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

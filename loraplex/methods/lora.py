@@ -15,7 +15,10 @@ the base kernel to r channels and B as a 1x1 conv back, as in PEFT, so files are
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +60,25 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+# True while `loraplex.load` builds adapters whose tensors it then copies from the file (`values_from_file`).
+_values_from_file: contextvars.ContextVar[bool] = contextvars.ContextVar("loraplex_lora_values_from_file",
+                                                                        default=False)
+
+
+@contextlib.contextmanager
+def values_from_file() -> Iterator[None]:
+    """Plain LoRA adapters built inside this block start at zero instead of drawing random values.
+
+    Only for callers that overwrite every factor right after (loading a file): drawing ~10^6 random
+    numbers per adapter is the slowest part of building one.
+    """
+    token = _values_from_file.set(True)
+    try:
+        yield
+    finally:
+        _values_from_file.reset(token)
+
+
 def _uniform(shape: tuple[int, ...], bound: float, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
 
@@ -70,33 +92,50 @@ class LoraAdapter(Adapter):
 
     def __init__(self, spec: LayerSpec, r: int, alpha: float, config) -> None:
         super().__init__(spec, r, alpha, config)
-        self.scale = config.scale(r, alpha)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        self.use_dora = bool(config.dora)
-        self.kind = spec.kind
-        if self.use_dora and spec.kind not in (LINEAR, GPT2_CONV1D):
+        kind = spec.kind
+        use_dora = bool(config.dora)
+        if use_dora and kind not in (LINEAR, GPT2_CONV1D):
             raise ValueError(f"DoRA is supported on Linear and GPT-2 Conv1D layers, not on "
                              f"{type(spec.base).__name__}; drop `dora=True` or exclude this layer")
+        # One adapter is built per layer (hundreds per attach), so this is kept lean: plain values go
+        # straight into __dict__, which is what nn.Module.__setattr__ does for a value that is neither
+        # a tensor nor a module under a name not registered yet, without its checks.
+        attrs = self.__dict__
+        attrs["scale"] = config.scale(r, alpha)
+        if config.dropout > 0:
+            self.dropout = nn.Dropout(config.dropout)
+        else:
+            attrs["dropout"] = None
+        attrs["use_dora"] = use_dora
+        attrs["kind"] = kind
         dtype, device = config.torch_dtype, spec.base.weight.device
         d_in, d_out = spec.in_features, spec.out_features
-        kernel = tuple(spec.base.kernel_size) if spec.kind == CONV else ()
-        a_shape, b_shape = (r, d_in, *kernel), (d_out, r, *(1,) * len(kernel))
-        fan_in = d_in * math.prod(kernel)
-        if spec.kind == EMBEDDING:
+        if kind == CONV:
+            kernel = tuple(spec.base.kernel_size)
+            a_shape, b_shape = (r, d_in, *kernel), (d_out, r, *(1,) * len(kernel))
+            fan_in = d_in * math.prod(kernel)
+        else:
+            a_shape, b_shape, fan_in = (r, d_in), (d_out, r), d_in
+        init = config.init
+        if _values_from_file.get() and type(self) is LoraAdapter:
+            # `loraplex.load` overwrites both factors from the file right away: skip the random draws
+            a = torch.zeros(a_shape, dtype=dtype, device=device)
+            b = torch.zeros(b_shape, dtype=dtype, device=device)
+        elif kind == EMBEDDING:
             # PEFT: A = 0, B ~ N(0, 1) so that B A = 0 but gradients reach A.
             a = torch.zeros(a_shape, dtype=dtype, device=device)
             b = torch.randn(b_shape, dtype=dtype, device=device)
-            if config.init == "random":
+            if init == "random":
                 a.normal_()
         else:
-            if config.init == "gaussian":
+            if init == "gaussian":
                 a = torch.randn(a_shape, dtype=dtype, device=device) / r
             else:  # kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(fan_in)
                 a = _uniform(a_shape, 1 / math.sqrt(fan_in), dtype, device)
-            b = (_uniform(b_shape, 1 / math.sqrt(r), dtype, device) if config.init == "random"
+            b = (_uniform(b_shape, 1 / math.sqrt(r), dtype, device) if init == "random"
                  else torch.zeros(b_shape, dtype=dtype, device=device))
-        self.lora_A = nn.Parameter(a)
-        self.lora_B = nn.Parameter(b)
+        self.register_parameter("lora_A", nn.Parameter(a))
+        self.register_parameter("lora_B", nn.Parameter(b))
         if self.use_dora:
             with torch.no_grad():
                 norm = self._weight_norm(spec, self.lora_delta_weight(spec))
@@ -173,27 +212,28 @@ class LoraAdapter(Adapter):
             raise TypeError("DoRA merges through `merge`, not as an additive delta")
         return self.lora_delta_weight(spec)
 
-    # DoRA merge: W' = c ⊙ W + w (m/n) ⊙ sBA with c = 1 - w + w m/n (per output row), so unmerge is
-    # exact up to rounding: W = (W' - w (m/n) ⊙ sBA) / c.
-    def _dora_terms(self, spec: LayerSpec, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # DoRA merge: forward adds w ⊙ [(m/n - 1) ⊙ W0 x + (m/n) ⊙ sBA x] with n = ‖W0 + sBA‖_row and W0
+    # the bare base weight, so merging adds E = w ((m/n - 1) ⊙ W0 + (m/n) ⊙ sBA). E is computed from W0
+    # even when other adapters are merged already (their deltas must neither enter n nor be rescaled),
+    # and kept so unmerge subtracts exactly what merge added.
+    def _dora_update(self, spec: LayerSpec, weight: float, base: torch.Tensor) -> torch.Tensor:
         delta = self.lora_delta_weight(spec)
-        ratio = self.magnitude.float() / self._weight_norm(spec, delta)
-        return (1 - weight + weight * ratio)[:, None], (weight * ratio)[:, None] * delta
+        ratio = (self.magnitude.float() / (base + delta).norm(dim=1))[:, None]
+        return weight * ((ratio - 1) * base + ratio * delta)
 
-    def merge(self, spec: LayerSpec, weight: float) -> None:
+    def merge(self, spec: LayerSpec, weight: float, base_weight: torch.Tensor | None = None) -> None:
         if not self.use_dora:
-            return super().merge(spec, weight)
-        c, add = self._dora_terms(spec, weight)
-        self._dora_merged = (c, add)  # kept so unmerge uses the very norms merge used
+            return super().merge(spec, weight, base_weight)
         w = spec.weight
-        w.data.copy_((c * w.float() + add).to(w.dtype))
+        update = self._dora_update(spec, weight, w.float() if base_weight is None else base_weight)
+        self._dora_merged = update
+        w.data += update.to(w.dtype)
 
     def unmerge(self, spec: LayerSpec, weight: float) -> None:
         if not self.use_dora:
             return super().unmerge(spec, weight)
-        c, add = self._dora_merged
         w = spec.weight
-        w.data.copy_(((w.float() - add) / c).to(w.dtype))
+        w.data -= self._dora_merged.to(w.dtype)
         del self._dora_merged
 
     # --- files ---

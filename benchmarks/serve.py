@@ -1,0 +1,251 @@
+"""Serving throughput: loraplex's multi-adapter engine against the bare base, PEFT mixed batches, and
+one batch per adapter in turn (SmolLM2-135M, fp32, CPU).
+
+    .venv/bin/python benchmarks/serve.py            # 1, 8 and 64 distinct adapters, 64 requests x 32 tokens
+    .venv/bin/python benchmarks/serve.py --quick    # 1 and 8 adapters, 8 requests x 8 tokens (checks it works)
+
+Every system serves the same requests (the same prompts, request i on adapter i mod n), greedy, exactly
+`--tokens` new tokens each (EOS ignored), and is timed from submission to the last token:
+
+  base-engine  our engine, every request on the bare base model (no adapter installed)
+  base-hf      Hugging Face `generate` on the bare base, all requests in one left-padded batch
+  loraplex     our engine, requests spread over n adapters: continuous batching, rows grouped by adapter,
+               shrink/expand per group at each adapter's rank
+  peft-mixed   PEFT `generate(..., adapter_names=[...])`: one left-padded batch mixing the n adapters
+  peft-turn    PEFT, one batch per adapter in turn (`set_adapter`, then generate that adapter's requests)
+
+Throughput is generated tokens per second. The machine may be shared, so the systems of one setting run
+interleaved (the order alternates each round) and each ratio is the median of per-round ratios measured
+in the same run. After the runs, adapters are unloaded from the engine and the memory they held is
+reported (engine accounting, and the process RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from loraplex.core.config import LoraConfig  # noqa: E402
+from loraplex.core.model import AdapterModel  # noqa: E402
+from loraplex.serving import Engine, SamplingParams  # noqa: E402
+from loraplex.serving.adapters import release_freed_host_memory  # noqa: E402
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def load_base(spec: str):
+    if spec == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny import char_tokenizer, tiny_llama
+
+        tok = char_tokenizer()
+        return tiny_llama(len(tok), hidden=64, layers=4), tok
+    from loraplex.models import load_model
+
+    loaded = load_model(spec)
+    return loaded.model, loaded.tokenizer
+
+
+def make_adapters(base, n: int, r: int, folder: Path) -> list[Path]:
+    """n random (non-identity) LoRA adapters on every linear layer, saved in PEFT's format."""
+    ws = AdapterModel(copy.deepcopy(base))
+    paths = []
+    for i in range(n):
+        torch.manual_seed(1000 + i)
+        ws.add_adapter("x", LoraConfig(r=r, alpha=2.0 * r, init="random"))
+        with torch.no_grad():     # "random" init: B ~ U(±1/sqrt(r)); keep the deltas modest on a real model
+            for name, p in ws.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)
+        ws.save(folder / f"a{i}", name="x")
+        ws.delete_adapter("x")
+        paths.append(folder / f"a{i}")
+    return paths
+
+
+def prompts_for(tok, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in special]
+    out = []
+    for i in range(n):
+        k = max(4, length - (i % 5))          # slightly different lengths: padding is part of the job
+        idx = torch.randint(0, len(vocab), (k,), generator=g).tolist()
+        out.append([vocab[j] for j in idx])
+    return out
+
+
+def hf_generate(model, prompts: list[list[int]], tokens: int, pad_id: int, **kw) -> int:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                             do_sample=False, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None, **kw)
+    return (out.shape[1] - width) * len(prompts)
+
+
+def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, list[float]]:
+    """tokens/s of every function, `reps` rounds, order reversed every other round (after one warm-up)."""
+    names = list(fns)
+    for n in names:
+        start = time.perf_counter()
+        fns[n]()
+        print(f"  (warm-up {n}: {time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for n in (names if rep % 2 == 0 else names[::-1]):
+            gc.collect()
+            start = time.perf_counter()
+            tokens = fns[n]()
+            out[n].append(tokens / (time.perf_counter() - start))
+    return out
+
+
+def ratio(t: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(t[a], t[b]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="base model (default smollm2; 'tiny' = a small random Llama)")
+    ap.add_argument("--adapters", default=None, help="comma-separated adapter counts (default 1,8,64)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per setting (default 64)")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 32)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds per setting (default 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 and 8 adapters, 8 requests x 8 tokens, one round")
+    args = ap.parse_args()
+    quick = args.quick
+    counts = [int(x) for x in (args.adapters or ("1,8" if quick else "1,8,64")).split(",")]
+    n_req = args.requests or (8 if quick else 64)
+    tokens = args.tokens or (8 if quick else 32)
+    plen = args.prompt_len or (16 if quick else 32)
+    reps = args.reps or (1 if quick else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    base, tok = load_base(args.model)
+    base.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = prompts_for(tok, n_req, plen)
+    print(f"# serving throughput: {args.model}, {n_req} requests x {tokens} new tokens, prompts ~{plen} tokens, "
+          f"LoRA r={args.rank} on every linear layer, fp32")
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+          f", {reps} round(s) per setting\n")
+    workdir = tempfile.TemporaryDirectory(prefix="loraplex-serve-bench-")
+    tmp = Path(workdir.name)
+    start = time.perf_counter()
+    paths = make_adapters(base, max(counts), args.rank, tmp)
+    print(f"  ({max(counts)} adapters written in {time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+
+    peft_model = None
+    if not args.skip_peft:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(paths[0]), adapter_name="a0")
+        for i in range(1, max(counts)):
+            peft_model.load_adapter(str(paths[i]), adapter_name=f"a{i}")
+        peft_model.eval()
+        print(f"  (PEFT model with {max(counts)} adapters ready)", file=sys.stderr, flush=True)
+
+    rows = []
+    engine_base = Engine(copy.deepcopy(base), tok, max_batch=n_req, max_queue=n_req, prefill_per_step=n_req,
+                         max_prefill_tokens=n_req * (plen + 8))
+    for n in counts:
+        engine = Engine(copy.deepcopy(base), tok, max_active=n, max_cached=n, max_batch=n_req, max_queue=n_req,
+                        prefill_per_step=n_req, max_prefill_tokens=n_req * (plen + 8))
+        for i in range(n):
+            engine.add_adapter(f"a{i}", paths[i])
+        names = [f"a{i % n}" for i in range(n_req)]
+
+        def run_engine(e=engine, names=names):
+            out = e.generate(prompts, names, params)
+            return sum(c.completion_tokens for c in out)
+
+        fns: dict[str, Callable[[], int]] = {
+            "base-engine": lambda: sum(c.completion_tokens for c in engine_base.generate(prompts, None, params)),
+            "base-hf": lambda: hf_generate(base, prompts, tokens, pad),
+            "loraplex": run_engine,
+        }
+        if peft_model is not None:
+            fns["peft-mixed"] = lambda names=names: hf_generate(peft_model, prompts, tokens, pad, adapter_names=names)
+
+            def turn(names=names, n=n):
+                total = 0
+                for a in range(n):
+                    peft_model.set_adapter(f"a{a}")
+                    mine = [p for p, nm in zip(prompts, names) if nm == f"a{a}"]
+                    total += hf_generate(peft_model, mine, tokens, pad)
+                return total
+
+            fns["peft-turn"] = turn
+        t = interleaved(fns, reps)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        pairs = [("loraplex", "base-engine"), ("loraplex", "base-hf")]
+        if peft_model is not None:
+            pairs += [("loraplex", "peft-mixed"), ("loraplex", "peft-turn"), ("peft-mixed", "base-hf"),
+                      ("peft-turn", "base-hf")]
+        ratios = {f"{a}/{b}": ratio(t, a, b) for a, b in pairs}
+        rows.append({"n": n, "tokens/s": med, "ratios": ratios})
+        print(f"## {n} distinct adapter(s)")
+        for k, v in med.items():
+            print(f"  {k:12s} {v:9.1f} tokens/s")
+        for k, v in ratios.items():
+            print(f"  {k:22s} {v:6.2f}x")
+        print()
+
+        if n == max(counts):          # memory: what unloading gives back
+            gc.collect()
+            release_freed_host_memory()        # so the RSS difference below is the adapters' alone
+            before_mem, before_rss = engine.memory(), rss_bytes()
+            for i in range(n):
+                engine.remove_adapter(f"a{i}", wait=10)
+            gc.collect()
+            after_mem, after_rss = engine.memory(), rss_bytes()
+            print(f"## unloading {n} adapters from the engine")
+            print(f"  adapter bytes (host tier):   {before_mem['host_bytes'] / 2**20:8.1f} MiB -> "
+                  f"{after_mem['host_bytes'] / 2**20:.1f} MiB")
+            print(f"  adapter bytes (device tier): {before_mem['device_bytes'] / 2**20:8.1f} MiB -> "
+                  f"{after_mem['device_bytes'] / 2**20:.1f} MiB (on CPU both tiers share storage)")
+            print(f"  process RSS:                 {before_rss / 2**20:8.1f} MiB -> {after_rss / 2**20:.1f} MiB "
+                  f"({(before_rss - after_rss) / 2**20:+.1f} MiB freed)\n")
+        del engine
+        gc.collect()
+    workdir.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""LoLDU (`loraplex/methods/loldu.py`) against the paper's equations.
+
+Reference, written here in float64: W = P L D U by Gaussian elimination with partial pivoting
+(implemented below, independently of torch.linalg.lu), the residual W_res = W - σ₀ P L_r diag(z₀) U_r
+and the adapted weight W' = W_res + σ P L_r diag(z) U_r, with z (init z₀ = D_r) and σ (init alpha/r)
+the only trainable tensors.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hf_ids, randomize, tiny_gpt2
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import loraplex
+from loraplex import LoraConfig, attach
+from loraplex.core.layers import AdaptedLayer
+
+
+class Net(nn.Module):
+    """A wide Linear (10 -> 8) and a tall GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 8)
+        self.gpt2 = Conv1D(12, 8)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return randomize(Net()).eval()
+
+
+def config(**kw) -> LoraConfig:
+    return LoraConfig(**{"method": "loldu", "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
+
+
+def perturb(model, seed: int = 1) -> None:
+    """Move z and σ by O(1) relative amounts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.mul_(1 + 0.5 * torch.randn(p.shape, generator=g))
+
+
+def base_weight(layer: AdaptedLayer) -> torch.Tensor:
+    w = layer.base_layer.weight.detach().double()
+    return w.t() if isinstance(layer.base_layer, Conv1D) else w
+
+
+def ldu(w: torch.Tensor):
+    """(P L, D, U) of W = P L D U by Doolittle elimination with partial pivoting (largest |pivot|)."""
+    a = w.clone()
+    m, n = a.shape
+    k = min(m, n)
+    order = list(range(m))
+    lower = torch.zeros(m, k, dtype=w.dtype)
+    for j in range(k):
+        p = j + int(torch.argmax(a[j:, j].abs()))
+        a[[j, p]] = a[[p, j]]
+        lower[[j, p]] = lower[[p, j]]
+        order[j], order[p] = order[p], order[j]
+        lower[j, j] = 1.0
+        lower[j + 1:, j] = a[j + 1:, j] / a[j, j]
+        a[j + 1:] -= torch.outer(lower[j + 1:, j], a[j])
+    upper = a[:k]
+    d = torch.diagonal(upper).clone()
+    permuted_lower = torch.zeros_like(lower)
+    permuted_lower[order] = lower            # (P L)[order[i]] = L[i]
+    return permuted_lower, d, upper / d[:, None]
+
+
+def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
+    a = layer.adapters[name]
+    w, b = base_weight(layer), layer.base_layer.bias.detach().double()
+    pl, d, u = ldu(w)
+    r = a.r
+    sigma0 = a.alpha / r
+    residual = w - sigma0 * pl[:, :r] @ torch.diag(d[:r]) @ u[:r]
+    adapted = residual + a.loldu_scale.detach().double() * pl[:, :r] @ torch.diag(a.loldu_diag.detach().double()) \
+        @ u[:r]
+    return x.double() @ adapted.t() + b
+
+
+def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the LU of W ran while loading saved tensors")
+
+
+def test_output_matches_paper_equation():
+    model = attach(net(), config())
+    perturb(model)
+    for path, layer in model.adapted_layers().items():
+        x = x_in(layer.spec.in_features)
+        torch.testing.assert_close(layer(x).double(), reference(layer, "default", x), rtol=1e-5, atol=1e-5,
+                                   msg=path)
+
+
+def test_initialisation_is_the_ldu_decomposition_and_the_identity():
+    model = attach(net(), config())
+    for layer in model.adapted_layers().values():
+        a = layer.adapters["default"]
+        w = base_weight(layer)
+        pl, d, u = ldu(w)
+        torch.testing.assert_close(pl @ torch.diag(d) @ u, w, rtol=1e-10, atol=1e-10)   # the reference is right
+        torch.testing.assert_close(a.loldu_B.double(), pl[:, :3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.loldu_A.double(), u[:3], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.loldu_diag0.double(), d[:3], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.loldu_diag.detach(), a.loldu_diag0, rtol=0, atol=0)
+        assert a.loldu_scale.item() == a.loldu_scale0.item() == 2.0
+    x = x_in(10)
+    with model.disabled():
+        base = model(x)
+    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("train_scale", "per_layer"), [(True, 4), (False, 3)])
+def test_trainable_parameters_are_r_plus_one_per_layer(train_scale, per_layer):
+    model = attach(net(), config(options={"train_scale": train_scale}))
+    assert model.trainable_parameter_count() == 2 * per_layer
+    expected = {"loldu_diag", "loldu_scale"} if train_scale else {"loldu_diag"}
+    assert {n.rsplit(".", 1)[-1] for n in model.named_trainable_parameters()} == expected
+    model.set_active("default")
+    assert model.trainable_parameter_count() == 2 * per_layer
+
+
+def test_the_base_weight_is_never_rewritten_and_merge_unmerge_restores_it():
+    model = attach(net(), config())
+    perturb(model)
+    before = {k: v.clone() for k, v in net().state_dict().items()}
+    for key, value in model.model.state_dict().items():
+        if "adapters" not in key:
+            torch.testing.assert_close(value, before[key.replace("base_layer.", "")], rtol=0, atol=0)
+    x = x_in(10)
+    unmerged = model(x)
+    model.merge()
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge()
+    after = {k.replace("base_layer.", ""): v for k, v in model.model.state_dict().items() if "adapters" not in k}
+    for key, value in after.items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    model.delete_adapter("default")
+    for key, value in model.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_save_and_load_round_trip(tmp_path, monkeypatch):
+    model = attach(net(), config())
+    perturb(model)
+    x = x_in(10)
+    expected = model(x)
+    model.save(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LOLDU"
+    monkeypatch.setattr("loraplex.methods.loldu.ldu_factors", _must_not_run)  # loading recomputes no decomposition
+    loaded = loraplex.load(net(), tmp_path)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
+    model = attach(net(), config())
+    perturb(model)
+    x = x_in(10)
+    expected = model(x)
+    model.save(tmp_path, as_lora=True)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA" and data["r"] == 3
+    plain = loraplex.load(net(), tmp_path)
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_equals_each_row_alone():
+    model = attach(net(), config(), "a")
+    model.add_adapter("b", config(r=2))
+    perturb(model)
+    model.set_active("b")
+    perturb(model, seed=5)
+    x = x_in(10, rows=5)
+    ids = ["a", "b", None, "b", "a"]
+    mixed = model(x, adapter_ids=ids)
+    for i, name in enumerate(ids):
+        if name is None:
+            with model.disabled():
+                row = model(x[i:i + 1])
+        else:
+            model.set_active(name)
+            row = model(x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], row, rtol=1e-5, atol=1e-6, msg=f"row {i}")
+
+
+def test_gpt2_gradients_reach_the_diagonal_and_scale():
+    model = attach(tiny_gpt2(), LoraConfig(method="loldu", r=4, alpha=4.0, targets=["c_attn", "attn.c_proj"]))
+    ids = hf_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    params = model.named_trainable_parameters()
+    assert len(params) == 8 and all(p.grad is not None for p in params.values())
+    assert model.trainable_parameter_count() == 4 * (4 + 1)
+
+
+def test_bad_options_say_what_is_allowed():
+    with pytest.raises(ValueError, match="it takes: train_scale"):
+        attach(net(), config(options={"scale": 1}))
+    with pytest.raises(ValueError, match="train_scale must be true or false"):
+        attach(net(), config(options={"train_scale": "yes"}))

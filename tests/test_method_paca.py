@@ -1,0 +1,190 @@
+"""PaCA (`loraplex/methods/paca.py`) against the paper's equation.
+
+Reference, in float64 from the adapter's raw tensors: the effective weight is W with the r selected
+input columns J replaced by s·P (s = alpha / r),
+    W'[:, J] = s · P,  W'[:, j] = W[:, j] otherwise,   y = W' x + b.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import hf_ids, randomize, tiny_gpt2
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import loraplex
+from loraplex import LoraConfig, attach
+from loraplex.core.layers import AdaptedLayer
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(10, 8)
+        self.gpt2 = Conv1D(6, 8)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
+
+
+def net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return randomize(Net()).eval()
+
+
+def config(**kw) -> LoraConfig:
+    return LoraConfig(**{"method": "paca", "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
+
+
+def perturb(model, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+
+
+def base_weight(layer: AdaptedLayer) -> torch.Tensor:
+    w = layer.base_layer.weight.detach().double()
+    return w.t() if isinstance(layer.base_layer, Conv1D) else w
+
+
+def effective_weight(layer: AdaptedLayer, name: str = "default") -> torch.Tensor:
+    a = layer.adapters[name]
+    w = base_weight(layer).clone()
+    for k, j in enumerate(a.paca_indices.tolist()):
+        w[:, j] = a.alpha / a.r * a.paca_w.detach().double()[:, k]
+    return w
+
+
+def x_in(d: int = 10, seed: int = 2, rows: int = 4) -> torch.Tensor:
+    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_matches_paper_equation():
+    model = attach(net(), config()).eval()
+    perturb(model)
+    for path, layer in model.adapted_layers().items():
+        x = x_in(layer.spec.in_features)
+        ref = x.double() @ effective_weight(layer).t() + layer.base_layer.bias.detach().double()
+        torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=path)
+
+
+def test_columns_are_distinct_random_inputs_and_start_at_the_base_values():
+    torch.manual_seed(7)
+    model = attach(net(), config()).eval()
+    for layer in model.adapted_layers().values():
+        a = layer.adapters["default"]
+        j = a.paca_indices
+        assert len(j) == 3 and len(set(j.tolist())) == 3 and int(j.min()) >= 0 and int(j.max()) < layer.spec.in_features
+        torch.testing.assert_close(a.paca_w.double() * 2.0, base_weight(layer)[:, j], rtol=0, atol=1e-6)  # s P = W_J
+    x = x_in()
+    with model.disabled():
+        base = model(x)
+    torch.testing.assert_close(model(x), base, rtol=0, atol=1e-6)
+    torch.manual_seed(7)
+    again = attach(net(), config())
+    assert all(torch.equal(again.adapted_layers()[p].adapters["default"].paca_indices,
+                           model.adapted_layers()[p].adapters["default"].paca_indices) for p in ("lin", "gpt2"))
+
+
+def test_trainable_parameters_are_d_out_times_r():
+    model = attach(net(), config())
+    assert model.trainable_parameter_count() == 8 * 3 + 6 * 3
+    assert set(model.named_trainable_parameters()) == {"lin.adapters.default.paca_w", "gpt2.adapters.default.paca_w"}
+
+
+def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
+    model = attach(net(), config()).eval()
+    perturb(model)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    x = x_in()
+    unmerged = model(x)
+    model.merge()
+    for layer in model.adapted_layers().values():   # merged: the selected columns ARE s·P
+        torch.testing.assert_close(base_weight(layer), effective_weight(layer), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
+    model.unmerge()
+    for key, value in model.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_save_and_load_round_trip_keeps_the_columns(tmp_path):
+    model = attach(net(), config()).eval()
+    perturb(model)
+    x = x_in()
+    expected = model(x)
+    model.save(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PACA"
+    torch.manual_seed(123)                    # another RNG state: the columns come from the file
+    loaded = loraplex.load(net(), tmp_path).eval()
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
+    model = attach(net(), config()).eval()
+    perturb(model)
+    x = x_in()
+    expected = model(x)
+    model.save(tmp_path, as_lora=True)
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert data["peft_type"] == "LORA" and data["r"] == 3
+    plain = loraplex.load(net(), tmp_path).eval()
+    assert {type(a).method for layer in plain.adapted_layers().values() for a in layer.adapters.values()} == {"lora"}
+    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_equals_each_row_alone():
+    model = attach(net(), config(), "a")
+    model.add_adapter("b", config(r=2))
+    model.eval()
+    perturb(model)
+    model.set_active("b")
+    perturb(model, seed=5)
+    x = x_in(rows=5)
+    ids = ["a", "b", None, "b", "a"]
+    mixed = model(x, adapter_ids=ids)
+    for i, name in enumerate(ids):
+        if name is None:
+            with model.disabled():
+                row = model(x[i:i + 1])
+        else:
+            model.set_active(name)
+            row = model(x[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], row, rtol=1e-5, atol=1e-6, msg=f"row {i}")
+
+
+def test_gpt2_gradient_is_the_gradient_of_the_selected_columns():
+    """∂L/∂P = s · ∂L/∂W[:, J]: training P is training those columns of W."""
+    model = attach(tiny_gpt2(), LoraConfig(method="paca", r=4, alpha=8.0, targets=["c_fc"]))
+    ids = hf_ids()
+    model(input_ids=ids, labels=ids).loss.backward()
+    reference = tiny_gpt2()
+    for w in reference.parameters():
+        w.requires_grad_(False)
+    for path in model.adapted_layers():
+        reference.get_submodule(path).weight.requires_grad_(True)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    for path, layer in model.adapted_layers().items():
+        a = layer.adapters["default"]
+        grad_w = reference.get_submodule(path).weight.grad.t()          # Conv1D: (in, out) -> (out, in)
+        torch.testing.assert_close(a.paca_w.grad, 2.0 * grad_w[:, a.paca_indices], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_settings_say_what_is_allowed(tmp_path):
+    with pytest.raises(ValueError, match="exceed in_features"):
+        attach(net(), config(r=9))
+    with pytest.raises(ValueError, match="it takes:"):
+        attach(net(), config(options={"columns": 2}))
+    model = attach(net(), config())
+    model.save(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lin.paca_indices"] = torch.tensor([0, 0, 1])
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(loraplex.AdapterFileError, match="distinct"):
+        loraplex.load(net(), tmp_path)
