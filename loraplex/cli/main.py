@@ -20,7 +20,8 @@ TRAIN_HELP = {
              "folder, or a hub id (needs network)",
     "data": "built-in task name (see `loraplex tasks`) or a JSONL/CSV file with prompt/completion or messages",
     "method": "adapter method (see `loraplex methods`)",
-    "recipe": "training recipe (none yet beyond the standard loop)",
+    "recipe": "training recipe (see `loraplex recipes`)",
+    "recipe_options": "recipe-specific settings (in YAML: a mapping; on the command line: --recipe-option K=V)",
     "r": "adapter rank", "alpha": "adapter scale numerator (scale = alpha/r)", "dropout": "adapter input dropout",
     "targets": "modules to adapt: all-linear, a regex, or comma-separated names",
     "rslora": "rank-stabilised scaling alpha/sqrt(r)", "dora": "weight-decomposed LoRA (DoRA)",
@@ -52,9 +53,10 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = TRAIN_HELP.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "method_options":
-            parser.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
-                                default=None, help=help_text)
+        if f.name in ("method_options", "recipe_options"):
+            flag = "--" + f.name[:-1].replace("_", "-")
+            parser.add_argument(flag, dest=f.name, action="append", metavar="KEY=VALUE", default=None,
+                                help=help_text)
         elif hints[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_text} (default: {default})")
@@ -85,12 +87,13 @@ def build_train_config(args: argparse.Namespace):
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if f.name == "method_options":
-            options = dict(values.get("method_options") or {})
+        if f.name in ("method_options", "recipe_options"):
+            options = dict(values.get(f.name) or {})
             for item in value:
                 key, sep, raw = item.partition("=")
                 if not sep:
-                    raise SystemExit(f"error: --method-option expects KEY=VALUE, got {item!r}")
+                    flag = "--" + f.name[:-1].replace("_", "-")
+                    raise SystemExit(f"error: {flag} expects KEY=VALUE, got {item!r}")
                 options[key] = yaml.safe_load(raw)
             value = options
         values[f.name] = value
@@ -273,6 +276,16 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from loraplex.training.recipes import available
+
+    for name, cls in sorted(available().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        options = ", ".join(f"{k}={v!r}" for k, v in cls.options.items())
+        print(f"{name:18s} {doc[0] if doc else ''}" + (f"  [options: {options}]" if options else ""))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -367,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tasks)
 
+    p = sub.add_parser("recipes", help="list the training recipes (--recipe NAME)")
+    p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("methods", help="list the adapter methods")
     p.set_defaults(func=cmd_methods)
 

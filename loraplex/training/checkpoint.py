@@ -46,7 +46,8 @@ def _join_state(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return state
 
 
-def save_checkpoint(output: Path, model, adapter_name: str, optimizer, scheduler, progress: dict[str, Any]) -> Path:
+def save_checkpoint(output: Path, model, adapter_name: str, optimizer, scheduler, progress: dict[str, Any],
+                    recipe=None) -> Path:
     """Write `output/checkpoint` atomically (build `checkpoint.tmp`, then swap it in)."""
     final = output / CHECKPOINT_DIR
     tmp = output / (CHECKPOINT_DIR + ".tmp")
@@ -58,6 +59,7 @@ def save_checkpoint(output: Path, model, adapter_name: str, optimizer, scheduler
         "scheduler": _split_state(scheduler.state_dict(), "scheduler", tensors),
         "python_random": _split_state(random.getstate(), "python_random", tensors),
         "progress": progress,
+        "recipe": _split_state(recipe.state_dict() if recipe is not None else {}, "recipe", tensors),
     }
     tensors["rng.torch"] = torch.get_rng_state()
     atomic_write_bytes(tmp / "state.safetensors", tensors_to_bytes(tensors, {"format": "pt"}))
@@ -80,12 +82,14 @@ def find_checkpoint(output: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG states; returns the saved progress dict."""
+def load_checkpoint(folder: Path, optimizer, scheduler, recipe=None) -> dict[str, Any]:
+    """Restore optimizer, scheduler, recipe and RNG states; returns the saved progress dict."""
     tensors = load_file(folder / "state.safetensors")
     meta = json.loads((folder / "state.json").read_text())
     optimizer.load_state_dict(_join_state(meta["optimizer"], tensors))
     scheduler.load_state_dict(_join_state(meta["scheduler"], tensors))
+    if recipe is not None and "recipe" in meta:
+        recipe.load_state_dict(_join_state(meta["recipe"], tensors))
     state = _join_state(meta["python_random"], tensors)
     random.setstate((state[0], tuple(state[1]), state[2]))
     torch.set_rng_state(tensors["rng.torch"])

@@ -27,6 +27,8 @@ from loraplex.core.config import LoraConfig
 from loraplex.core.io import atomic_write_bytes
 from loraplex.core.model import attach
 from loraplex.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from loraplex.training.recipes import make_recipe
+from loraplex.training.recipes.full import FullParameterModel
 
 log = logging.getLogger("loraplex")
 ADAPTER_NAME = "default"
@@ -48,6 +50,7 @@ class TrainConfig:
     dora: bool = False
     init: str = "kaiming"
     method_options: dict[str, Any] = field(default_factory=dict)
+    recipe_options: dict[str, Any] = field(default_factory=dict)
     steps: int = 60
     epochs: float | None = None       # when set, overrides `steps`
     batch_size: int = 16
@@ -154,7 +157,7 @@ def prepare_output(cfg: TrainConfig) -> Path:
             (out / name).unlink(missing_ok=True)
         import shutil
 
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter"):
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "weights"):
             shutil.rmtree(out / name, ignore_errors=True)
     return out
 
@@ -262,31 +265,39 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
         base_score = exact_match_score(model, tokenizer, test_examples, batch_size=cfg.eval_batch_size)["exact_match"]
         log.info("base model exact match: %.1f%%", base_score)
 
-    # 3. the adapter (restored from the checkpoint when resuming)
-    if checkpoint is not None:
+    # 3. the recipe and the adapter (restored from the checkpoint when resuming)
+    recipe = make_recipe(cfg.recipe, cfg.recipe_options)
+    if not recipe.trains_adapter:  # full-parameter recipes train the base weights themselves
+        model = FullParameterModel(model, recipe.full_parameters(model))
+        if checkpoint is not None:
+            model.load(checkpoint / "adapter")
+    elif checkpoint is not None:
         from loraplex.core.io import load
 
         model = load(model, checkpoint / "adapter", name=ADAPTER_NAME)
     else:
         from loraplex.methods import get
 
+        adapter_config = recipe.adapter_config(cfg.lora_config())
         calibration = None
-        if hasattr(get(cfg.method), "calibrate"):  # data-driven inits see a few training batches
+        if hasattr(get(adapter_config.method), "calibrate"):  # data-driven inits see a few training batches
             calibration = [micro_batch(i) for i in range(min(cfg.calibration_batches, batches_per_epoch))]
             t0 = time.perf_counter()
-        model = attach(model, cfg.lora_config(), ADAPTER_NAME, calibration_data=calibration)
+        model = attach(model, adapter_config, ADAPTER_NAME, calibration_data=calibration)
         if calibration is not None:
-            log.info("%s initialisation from %d calibration batches took %.1f s", cfg.method, len(calibration),
-                     time.perf_counter() - t0)
+            log.info("%s initialisation from %d calibration batches took %.1f s", adapter_config.method,
+                     len(calibration), time.perf_counter() - t0)
+    recipe.setup(model, cfg)
     trainable = model.trainable_parameters()
     n_trainable = sum(p.numel() for p in trainable)
-    log.info("adapter %s (r=%d) on %d layers: %s trainable parameters", cfg.method, cfg.r,
-             len(model.adapted_layers(ADAPTER_NAME)), f"{n_trainable:,}")
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    log.info("%s (r=%d) on %d layers%s: %s trainable parameters", cfg.method, cfg.r,
+             len(model.adapted_layers(ADAPTER_NAME)), f", recipe {cfg.recipe}" if cfg.recipe else "",
+             f"{n_trainable:,}")
+    optimizer = recipe.make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
     start_step, train_seconds, rows = 0, 0.0, []
     if checkpoint is not None:
-        progress = load_checkpoint(checkpoint, optimizer, scheduler)
+        progress = load_checkpoint(checkpoint, optimizer, scheduler, recipe)
         start_step, train_seconds = progress["step"], progress["train_seconds"]
         log.info("resumed from %s at step %d", checkpoint, start_step)
     log_path = out / "train_log.jsonl"
@@ -308,19 +319,21 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
             for micro in range(cfg.grad_accum):
                 batch = micro_batch(step * cfg.grad_accum + micro)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, _ = completion_loss(model.model, batch)
+                    loss, _ = recipe.loss(model, batch, step)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 tokens += int(batch["attention_mask"].sum())
+            recipe.after_backward(model, step)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            extra = recipe.after_step(model, optimizer, step) or {}
             dt = time.perf_counter() - t0
             train_seconds += dt
             row = {"step": step + 1, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
                    "grad_norm": round(grad_norm, 4), "tokens": tokens, "tokens_per_s": round(tokens / dt, 1),
-                   "elapsed_s": round(train_seconds, 2)}
+                   "elapsed_s": round(train_seconds, 2), **extra}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
                 row["eval_exact_match"] = exact_match_score(model, tokenizer, test_examples,
                                                             batch_size=cfg.eval_batch_size)["exact_match"]
@@ -334,7 +347,7 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
                 stop.requested = True
             done = step + 1
             if stop.requested or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps):
-                save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(done))
+                save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(done), recipe)
                 if stop.requested:
                     bar.close()
                     raise TrainingInterrupted(f"stopped at step {done}/{total_steps}; checkpoint in "
@@ -342,8 +355,10 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     bar.close()
 
     # 5. results
-    model.save(out / "adapter", name=ADAPTER_NAME)
-    save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(total_steps))
+    recipe.finalize(model)
+    result_dir = out / ("adapter" if recipe.trains_adapter else "weights")
+    model.save(result_dir, name=ADAPTER_NAME)
+    save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(total_steps), recipe)
     log.info("scoring the adapter on %d held-out examples", len(test_examples))
     scored = exact_match_score(model, tokenizer, test_examples, batch_size=cfg.eval_batch_size)
     plot_loss(rows, out / "loss.png")
@@ -360,10 +375,11 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
         "model": loaded.source,
         "data": cfg.data,
         "method": cfg.method,
+        "recipe": cfg.recipe,
         "eval_examples": scored["n"],
         "samples": scored["samples"],
         "config": dataclasses.asdict(cfg),
-        "adapter": str(out / "adapter"),
+        "adapter": str(result_dir),
     }
     atomic_write_bytes(out / "report.md", render_report_md(report).encode())
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
