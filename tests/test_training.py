@@ -141,3 +141,25 @@ def test_tasks_command_lists_samples(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
     assert "dates" in out and "completion" in out
+
+
+def test_full_disk_at_the_end_is_a_clear_error_and_resume_finishes(tmp_path, monkeypatch):
+    import errno
+
+    import loraplex.core.io as io
+
+    real_write = io._write_temp
+    out = tmp_path / "run"
+
+    def full_disk(path, data):
+        if path.name in ("report.json", "report.md"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data)
+
+    monkeypatch.setattr(io, "_write_temp", full_disk)
+    with pytest.raises(OSError, match="No space left on device.*--resume"):
+        train(small_config(tmp_path), loaded=tiny_loaded())
+    assert not (out / "report.json").exists() and not (out / "report.md").exists()
+    monkeypatch.setattr(io, "_write_temp", real_write)
+    report = train(small_config(tmp_path, resume=True), loaded=tiny_loaded())
+    assert report["steps"] == 6 and (out / "report.json").exists()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loraplex.core.config import LoraConfig
-from loraplex.core.io import atomic_write_bytes
+from loraplex.core.io import atomic_write_files
 from loraplex.core.model import attach
 from loraplex.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from loraplex.training.recipes import make_recipe
@@ -160,6 +160,16 @@ def prepare_output(cfg: TrainConfig) -> Path:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "weights"):
             shutil.rmtree(out / name, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def _clear_write_errors(out: Path):
+    """A full disk or a folder that became unwritable: say so, and what is still safe to resume from."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(f"cannot write the results to {out}: {err.strerror or err}. Nothing was passed off as a "
+                      f"result (no report.json); free some space and finish with --resume --output {out}") from err
 
 
 class _StopFlag:
@@ -347,21 +357,22 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
                 stop.requested = True
             done = step + 1
             if stop.requested or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps):
-                save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(done), recipe)
+                with _clear_write_errors(out):
+                    save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(done), recipe)
                 if stop.requested:
                     bar.close()
                     raise TrainingInterrupted(f"stopped at step {done}/{total_steps}; checkpoint in "
                                               f"{out / 'checkpoint'}. Continue with --resume --output {out}")
     bar.close()
 
-    # 5. results
+    # 5. results (the report is written last: a run cut short never leaves one behind)
     recipe.finalize(model)
     result_dir = out / ("adapter" if recipe.trains_adapter else "weights")
-    model.save(result_dir, name=ADAPTER_NAME)
-    save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(total_steps), recipe)
+    with _clear_write_errors(out):
+        model.save(result_dir, name=ADAPTER_NAME)
+        save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(total_steps), recipe)
     log.info("scoring the adapter on %d held-out examples", len(test_examples))
     scored = exact_match_score(model, tokenizer, test_examples, batch_size=cfg.eval_batch_size)
-    plot_loss(rows, out / "loss.png")
     report = {
         "metric": "exact_match",
         "base_score": base_score,
@@ -381,8 +392,10 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
         "config": dataclasses.asdict(cfg),
         "adapter": str(result_dir),
     }
-    atomic_write_bytes(out / "report.md", render_report_md(report).encode())
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=2).encode())
+    with _clear_write_errors(out):
+        plot_loss(rows, out / "loss.png")
+        atomic_write_files({out / "report.md": render_report_md(report).encode(),
+                            out / "report.json": json.dumps(report, indent=2).encode()})
     return report
 
 
