@@ -277,6 +277,7 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
 
     # 3. the recipe and the adapter (restored from the checkpoint when resuming)
     recipe = make_recipe(cfg.recipe, cfg.recipe_options)
+    recipe.total_steps = total_steps  # schedules (AFLoRA's freezing, ...) need the run's length
     if not recipe.trains_adapter:  # full-parameter recipes train the base weights themselves
         model = FullParameterModel(model, recipe.full_parameters(model))
         if checkpoint is not None:
@@ -366,11 +367,13 @@ def train(cfg: TrainConfig, *, loaded=None, stop_after: int | None = None) -> di
     bar.close()
 
     # 5. results (the report is written last: a run cut short never leaves one behind)
-    recipe.finalize(model)
     result_dir = out / ("adapter" if recipe.trains_adapter else "weights")
     with _clear_write_errors(out):
-        model.save(result_dir, name=ADAPTER_NAME)
+        # the checkpoint holds the state before `finalize` (which may reshape the adapter), so a resume of
+        # a finished run pairs the optimizer with the parameters it was built for
         save_checkpoint(out, model, ADAPTER_NAME, optimizer, scheduler, progress_state(total_steps), recipe)
+        recipe.finalize(model)
+        model.save(result_dir, name=ADAPTER_NAME)
     log.info("scoring the adapter on %d held-out examples", len(test_examples))
     scored = exact_match_score(model, tokenizer, test_examples, batch_size=cfg.eval_batch_size)
     report = {

@@ -14,6 +14,7 @@ what the loop looks like. The loop in `loraplex.training.loop` calls, in this or
         fields = recipe.after_step(model, optimizer, step)  # proximal steps, restarts, rank changes
     recipe.finalize(model)                          # before the final save (fold chains, prune ranks)
 
+Before `setup` the loop sets `recipe.total_steps` (the run's number of optimizer steps, for schedules).
 `state_dict()` / `load_state_dict()` carry a recipe's own state through checkpoints (nested dicts and
 lists of tensors and JSON values; no pickle). A recipe module defines one subclass and decorates it
 with `@register`; `loraplex train --recipe NAME --recipe-option key=value` picks it.
@@ -72,6 +73,7 @@ class Recipe:
     name = "plain"
     trains_adapter = True
     options: dict[str, Any] = {}  # allowed options and their defaults
+    total_steps: int | None = None  # set by the loop before `setup`: the run's number of optimizer steps
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
