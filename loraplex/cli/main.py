@@ -269,10 +269,19 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from loraplex.methods import available
+    from loraplex.tools.methods_doc import method_info, write_page
 
+    if args.markdown:
+        page = Path(args.markdown)
+        write_page(page, page.with_suffix(".json"))
+        print(f"wrote {page} (measured results from {page.with_suffix('.json')}; measure with "
+              "`python -m loraplex.tools.methods_doc --measure`)")
+        return 0
     for name, cls in sorted(available().items()):
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name:12s} mergeable={cls.mergeable!s:5s} {doc[0] if doc else ''}")
+        info = method_info(name, cls)
+        print(f"{name:12s} mergeable={info['mergeable']!s:5s} serving={info['serving_form']:26s} "
+              f"{doc[0] if doc else ''}")
     return 0
 
 
@@ -309,10 +318,126 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.add_adapter(adapter_name, path)
     for folder in args.adapter_dir or []:
         engine.add_adapter_dir(folder)
-    names = engine.pool.names()
+    for spec in args.router or []:
+        router_name, sep, path = spec.partition("=")
+        if not sep:
+            router_name, path = Path(spec).name, spec
+        engine.add_router(router_name, path)
+    names = engine.adapter_names()
     log.info("serving %s with %d adapter(s) on http://%s:%d (admin endpoints %s)", name, len(names), args.host,
              args.port, "on" if token else "off")
     serve(engine, host=args.host, port=args.port, admin_token=token, request_timeout=args.request_timeout)
+    return 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """Compress then Serve: a shared basis for a set of adapters; held-out exact match before and after."""
+    import torch
+
+    from loraplex.data import TASKS, load_data
+    from loraplex.models import load_model
+    from loraplex.serving.adapters import base_modules, read_adapter
+    from loraplex.serving.compress import compress
+    from loraplex.serving.engine import Engine
+    from loraplex.serving.evaluate import exact_match_served
+
+    specs: list[tuple[str, Path]] = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        specs.append((name, Path(path)) if sep else (Path(spec).name, Path(spec)))
+    for folder in args.adapter_dir:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--adapter-dir {folder}: no such folder")
+        specs += [(sub.name, sub) for sub in sorted(Path(folder).iterdir()) if (sub / "adapter_config.json").exists()]
+    if not specs:
+        raise ValueError("give the adapters to compress: --adapter NAME=PATH (repeatable) or --adapter-dir DIR")
+    if args.rank < 1:
+        raise ValueError(f"--rank must be a positive integer, got {args.rank}")
+    tasks: dict[str, str] = {}
+    for spec in args.task:
+        name, sep, task = spec.partition("=")
+        if not sep or name not in dict(specs):
+            raise ValueError(f"--task {spec!r}: use NAME=TASK with NAME one of the adapters {[n for n, _ in specs]}")
+        tasks[name] = task
+    for name, _ in specs:
+        if name not in tasks and name in TASKS:
+            tasks[name] = name
+    loaded = load_model(args.model)
+    modules = base_modules(loaded.model)
+    hosts = [read_adapter(path, name, modules, torch.float32) for name, path in specs]
+    log.info("compressing %d adapters into a shared basis of rank %d", len(hosts), args.rank)
+    cset = compress(hosts, args.rank, iters=args.iters, normalize=not args.no_normalize, name=Path(args.output).name)
+    report = cset.report
+    report["adapters"] = {name: {"path": str(path), "ranks": host.ranks, "task": tasks.get(name)}
+                          for (name, path), host in zip(specs, hosts)}
+    cset.save(args.output)
+    if tasks and args.n > 0:
+        examples = {name: load_data(task, "test", args.n, args.seed) for name, task in tasks.items()}
+        total = sum(len(e) for e in examples.values())
+        engine = Engine(loaded.model, loaded.tokenizer, max_active=len(hosts), max_cached=len(hosts),
+                        max_batch=args.batch_size, max_queue=total + 1, prefill_per_step=args.batch_size)
+        for name, path in specs:
+            if name in tasks:
+                engine.add_adapter(name, path)
+        before = exact_match_served(engine, loaded.tokenizer, {n: (n, ex) for n, ex in examples.items()})
+        for name in list(engine.pool.names()):
+            engine.remove_adapter(name, wait=10)
+        engine.add_compressed(args.output)
+        after = exact_match_served(engine, loaded.tokenizer, {n: (n, ex) for n, ex in examples.items()})
+        report["exact_match"] = {n: {"task": tasks[n], "examples": len(examples[n]), "before": before[n],
+                                     "after": after[n]} for n in examples}
+    saved = report["original_bytes"] - report["compressed_bytes"]
+    report["saved_bytes"] = saved
+    cset.save(args.output)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    mib = 2 ** 20
+    print(f"compressed {len(hosts)} adapters on {report['layers']} layers into {args.output} (basis rank "
+          f"{args.rank})")
+    print(f"{'adapter':16s} {'task':10s} {'rel. error':>10s} {'EM before':>10s} {'EM after':>9s}")
+    em = report.get("exact_match", {})
+    for name, _ in specs:
+        row = em.get(name)
+        before = f"{row['before']:9.1f}%" if row else f"{'-':>10s}"
+        after = f"{row['after']:8.1f}%" if row else f"{'-':>9s}"
+        print(f"{name:16s} {tasks.get(name) or '-':10s} {report['relative_error'][name]:10.4f} {before} {after}")
+    print(f"memory: adapters {report['original_bytes'] / mib:.2f} MiB -> compressed {report['compressed_bytes'] / mib:.2f}"
+          f" MiB (shared bases {report['shared_bytes'] / mib:.2f} MiB + {report['per_adapter_bytes'] / 1024:.1f} KiB "
+          f"per adapter); saved {saved / mib:.2f} MiB ({100 * saved / report['original_bytes']:.1f}%)")
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Fit a MiLoRA-style prompt router over adapters from their tasks' prompts; held-out routing accuracy."""
+    from loraplex.data import load_data
+    from loraplex.data.tokenize import prompt_ids
+    from loraplex.models import load_model
+    from loraplex.serving.routing import fit_router, prompt_features
+
+    pairs = []
+    for spec in args.adapter:
+        name, sep, task = spec.partition("=")
+        if not sep or not name or not task:
+            raise ValueError(f"--adapter {spec!r}: use NAME=TASK (the adapter's name and a task name or data file)")
+        pairs.append((name, task))
+    if len(pairs) < 2:
+        raise ValueError("a router needs at least two adapters: --adapter NAME=TASK, repeated")
+    loaded = load_model(args.model)
+    tok = loaded.tokenizer
+    emb = loaded.model.get_input_embeddings()
+    train = {n: [prompt_ids(tok, ex) for ex in load_data(t, "train", args.n, args.seed)] for n, t in pairs}
+    router = fit_router(emb, train, kind=args.kind, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    router.save(args.output)
+    hits, total = 0, 0
+    print(f"router ({args.kind}) over {len(pairs)} adapters -> {args.output}; held-out routing accuracy:")
+    for k, (name, task) in enumerate(pairs):
+        test = [prompt_ids(tok, ex) for ex in load_data(task, "test", args.n_test, args.seed)]
+        picked = router.probabilities(prompt_features(emb, test)).argmax(1)
+        right = int((picked == k).sum())
+        hits, total = hits + right, total + len(test)
+        print(f"  {name:16s} {task:12s} {100 * right / len(test):6.1f}% of {len(test)}")
+    print(f"  {'all':29s} {100 * hits / total:6.1f}%")
     return 0
 
 
@@ -383,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the training recipes (--recipe NAME)")
     p.set_defaults(func=cmd_recipes)
     p = sub.add_parser("methods", help="list the adapter methods")
+    p.add_argument("--markdown", metavar="FILE", help="write the methods page (paper, parameters, serving form, "
+                   "measured exact match from FILE's .json) instead of listing")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server for the base model and many adapters",
@@ -406,7 +533,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: context length)")
     p.add_argument("--max-tokens", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--request-timeout", type=float, default=300.0, help="seconds before a request fails with 504")
+    p.add_argument("--router", action="append", default=[], metavar="NAME=PATH",
+                   help="prompt router (from `loraplex route`) served as model 'route:NAME', repeatable")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("route", help="fit a prompt router choosing among adapters (MiLoRA-style routing)",
+                       description="Fit a router that picks, once per request and from its prompt, the adapter "
+                       "to serve it with. `loraplex serve --router NAME=DIR` serves it as model 'route:NAME'.")
+    p.add_argument("--model", default=None, help="base model (default: embedded smollm2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=TASK",
+                   help="an adapter's name and its task (built-in name or data file), repeatable")
+    p.add_argument("--output", required=True, help="folder for the router")
+    p.add_argument("--kind", default="centroid", choices=["centroid", "linear"])
+    p.add_argument("--top-k", type=int, default=1, help="adapters mixed per request (weights from the router)")
+    p.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of the centroid router")
+    p.add_argument("--n", type=int, default=200, help="training prompts per task")
+    p.add_argument("--n-test", type=int, default=50, help="held-out prompts per task for the accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("compress", help="compress a set of adapters into a shared basis (Compress then Serve)",
+                       description="Joint compression of LoRA adapters: per layer a shared orthonormal basis U, V "
+                       "and a small R x R matrix per adapter (ΔW_i ≈ U Σ_i Vᵀ). Reports the reconstruction error, "
+                       "each task's held-out exact match before and after (served by the engine), and the memory "
+                       "saved. `loraplex serve --adapter-dir` serves the output folder directly.")
+    p.add_argument("--model", default=None, help="base model (default: embedded smollm2)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="adapter folder (PEFT format, plain LoRA/rsLoRA), repeatable")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR", help="folder of adapter folders")
+    p.add_argument("--rank", type=int, required=True, help="rank R of the shared basis")
+    p.add_argument("--output", required=True, help="folder for the compressed set")
+    p.add_argument("--iters", type=int, default=10, help="alternating fit iterations (default 10)")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="fit the raw updates (default: each adapter's update scaled to unit norm for the fit)")
+    p.add_argument("--task", action="append", default=[], metavar="NAME=TASK",
+                   help="task (built-in name or data file) scoring adapter NAME; adapters named after a "
+                   "built-in task are scored on it")
+    p.add_argument("--n", type=int, default=50, help="held-out examples per task (0: no exact match)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32, help="requests decoded together while scoring")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_compress)
     return parser
 
 

@@ -123,6 +123,20 @@ class Adapter(nn.Module):
         """
         raise TypeError(f"method {self.method!r} cannot be expressed as a plain LoRA")
 
+    def serving_factors(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) with `delta(x, ·) == x Aᵀ Bᵀ` in eval mode, relative to the layer's CURRENT base (scale
+        folded into B), or None when the method has no such form. Mixed batches serve rows with it.
+
+        The default is `as_lora`, which is the same thing for every method that leaves the base weight
+        alone; methods that rewrite it (PiSSA's residual) override this.
+        """
+        if getattr(self, "serving_form", "") not in ("low-rank", "low-rank after conversion"):
+            return None
+        try:
+            return self.as_lora(spec)
+        except TypeError:
+            return None
+
     def on_install(self, spec: LayerSpec) -> None:
         """Called once the adapter is attached (build never touches the model; this may, e.g. to
         replace the base weight by a residual as PiSSA does). `on_delete` must undo it."""

@@ -231,6 +231,7 @@ def peft_config_dict(model, name: str, as_lora: bool = False) -> dict[str, Any]:
         "use_rslora": config.rslora,
         "use_dora": config.dora,
         "init_lora_weights": {"kaiming": True, "gaussian": "gaussian", "random": False}.get(config.init, True),
+        **method.peft_config_fields(config),   # e.g. PiSSA / OLoRA: the init PEFT re-runs on load
         "rank_pattern": config.rank_pattern if as_lora else _full_pattern(layers, name, config, "r"),
         "alpha_pattern": config.alpha_pattern if as_lora else _full_pattern(layers, name, config, "alpha"),
         "layers_to_transform": None,
@@ -275,6 +276,12 @@ def config_from_peft(data: dict[str, Any], where: str) -> LoraConfig:
             # (saved by class name only) or a rule that now selects other layers.
             if data.get("target_modules"):
                 ours["targets"], ours["exclude"] = data["target_modules"], None
+            # PEFT's per-layer fields are what PEFT applies: honour them ahead of ours (first match wins),
+            # so a writer that records per-layer ranks there only (dynamic-rank recipes) loads right.
+            for key, field in (("rank_pattern", "rank_pattern"), ("alpha_pattern", "alpha_pattern")):
+                if isinstance(data.get(key), dict) and data[key]:
+                    ours[field] = {**data[key], **{k: v for k, v in (ours.get(field) or {}).items()
+                                                  if k not in data[key]}}
             return LoraConfig(**ours)
         peft_type = data.get("peft_type")
         if peft_type != "LORA":
@@ -288,12 +295,12 @@ def config_from_peft(data: dict[str, Any], where: str) -> LoraConfig:
         for key, neutral in _UNSUPPORTED_PEFT.items():
             if data.get(key, neutral) not in (neutral, [], {}):
                 raise AdapterFileError(f"{where}: PEFT option {key}={data[key]!r} is not supported by loraplex")
-        init = data.get("init_lora_weights", True)
-        init = {True: "kaiming", False: "random", "gaussian": "gaussian"}.get(init, "kaiming")
+        method, init, options = _method_of_peft_init(data.get("init_lora_weights", True), where)
         targets = data.get("target_modules")
         if targets is None:
             raise AdapterFileError(f"{where}: target_modules is missing")
         return LoraConfig(
+            method=method, options=options,
             r=int(data.get("r", 8)), alpha=float(data.get("lora_alpha", 8)),
             dropout=float(data.get("lora_dropout") or 0.0), targets=targets,
             exclude=data.get("exclude_modules"), rslora=bool(data.get("use_rslora", False)),
@@ -304,6 +311,41 @@ def config_from_peft(data: dict[str, Any], where: str) -> LoraConfig:
         raise
     except (ConfigError, TypeError, ValueError, AttributeError) as err:
         raise AdapterFileError(f"{where}: invalid adapter config: {err}") from None
+
+
+# PEFT's `init_lora_weights` values whose init rewrites the base weight from data or quantisation PEFT
+# re-runs on load: the saved factors alone do not say what the base became.
+_UNREPRODUCIBLE_INITS = {"corda": "CorDA (needs the calibration covariances)",
+                         "loftq": "LoftQ (quantises the base weight)"}
+
+
+def _method_of_peft_init(init: Any, where: str) -> tuple[str, str, dict[str, Any]]:
+    """(method, init, options) for a PEFT LoRA file, by the `init_lora_weights` PEFT re-runs on load.
+
+    PiSSA and OLoRA rewrite the base weight (W - s B0 A0) deterministically from W: they load as those
+    methods, which rebuild the same residual. EVA, LoRA-GA (PEFT falls back to a plain init when it
+    loads one: the gradients are gone), "orthogonal", "mica" and "gaussian" leave the base alone: the
+    saved factors are the whole adapter, a plain LoRA.
+    """
+    if init is True or init in ("gaussian", "eva", "lora_ga", "orthogonal", "mica"):
+        return "lora", "gaussian" if init == "gaussian" else "kaiming", {}
+    if init is False:
+        return "lora", "random", {}
+    if isinstance(init, str) and init.startswith("pissa"):
+        niter = init[len("pissa_niter_"):] if init.startswith("pissa_niter_") else None
+        if init != "pissa" and (niter is None or not niter.isdigit()):
+            raise AdapterFileError(f"{where}: init_lora_weights={init!r} is not 'pissa' or 'pissa_niter_<k>'")
+        return "pissa", "kaiming", {} if niter is None else {"niter": int(niter)}
+    if isinstance(init, str) and init.lower() == "olora":
+        return "olora", "kaiming", {}
+    name = init.split("_")[0].lower() if isinstance(init, str) else None
+    if name in _UNREPRODUCIBLE_INITS:
+        raise AdapterFileError(f"{where}: init_lora_weights={init!r}: {_UNREPRODUCIBLE_INITS[name]} rewrites the base "
+                               "weight when PEFT loads the file, which loraplex cannot reproduce. Convert it to a "
+                               "plain LoRA in PEFT: `model.save_pretrained(dir, "
+                               "path_initial_model_for_weight_conversion=initial_dir)`.")
+    raise AdapterFileError(f"{where}: init_lora_weights={init!r} is not supported; loraplex reads True, False, "
+                           "'gaussian', 'pissa', 'pissa_niter_<k>', 'olora', 'eva', 'lora_ga', 'orthogonal', 'mica'")
 
 
 def read_adapter_files(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:

@@ -79,6 +79,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[tuple[str, float]] = []
         self._shared = shared  # a plain attribute: not a submodule, not in the state dict
         self._stack_cache: tuple | None = None
+        self._factor_cache: dict[str, tuple] = {}   # adapter -> (tensor versions, serving factors)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         shared = self._shared
@@ -120,34 +121,59 @@ class AdaptedLayer(nn.Module):
         return out
 
     def _can_batch(self, names: list[str]) -> bool:
-        """Plain LoRA on linear layers (no dropout active): the rows are served by plain or batched
-        products on the base output, without copying rows out and back in."""
+        """Every adapter has a plain low-rank serving form on a linear layer (no dropout active): the rows
+        are served by plain or batched products on the base output, without copying rows out and back in.
+
+        Plain LoRA uses its factors as they are; other methods give theirs through `serving_factors`
+        (computed once per weight change). Methods without such a form take the per-adapter path.
+        """
         if not names or self.spec.kind not in (LINEAR, GPT2_CONV1D):
             return False
-        adapters = [self.adapters[n] for n in names]
-        return all(getattr(a, "method", "") == "lora" and not a.use_dora
-                   and (a.dropout is None or not a.dropout.training)   # dropout is the identity in eval
-                   for a in adapters) and len({a.lora_A.dtype for a in adapters}) == 1
+        pairs = [self._serving_pair(n) for n in names]
+        return all(p is not None for p in pairs) and len({p[0].dtype for p in pairs}) == 1
+
+    def _serving_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) with this adapter's delta = s·B A x at inference, or None."""
+        adapter = self.adapters[name]
+        if any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in adapter.modules()):
+            return None   # dropout is the identity in eval mode only
+        if getattr(adapter, "method", "") == "lora":
+            return None if adapter.use_dora else (adapter.lora_A, adapter.lora_B, adapter.scale)
+        tensors = [*adapter.parameters(), *adapter.buffers()]
+        if adapter.shared is not None:
+            tensors += [*adapter.shared.parameters(), *adapter.shared.buffers()]
+        key = tuple((id(t), t._version) for t in tensors)
+        cached = self._factor_cache.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            factors = adapter.serving_factors(self.spec)
+        pair = None
+        if factors is not None:
+            dtype = next((t.dtype for t in tensors if t.is_floating_point()), factors[0].dtype)
+            pair = (factors[0].detach().to(dtype).contiguous(), factors[1].detach().to(dtype).contiguous(), 1.0)
+        self._factor_cache[name] = (key, pair)
+        return pair
 
     def _stacks(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A stacked to (n+1, r_max, d_in) and s·Bᵀ to (n+1, r_max, d_out); slot n is all zeros.
 
         Cached until a weight changes (the key holds each tensor's version counter).
         """
-        params = [(self.adapters[n].lora_A, self.adapters[n].lora_B) if n in self.adapters else None
-                  for n in names]
-        key = (tuple(names), tuple((id(p[0]), p[0]._version, p[1]._version) if p else None for p in params))
+        params = [self._serving_pair(n) if n in self.adapters else None for n in names]
+        key = (tuple(names), tuple((id(p[0]), p[0]._version, id(p[1]), p[1]._version) if p else None
+                                   for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], self._stack_cache[2]
         ref = next(p for p in params if p)[0]
         r_max = max(p[0].shape[0] for p in params if p)
         a_stack = ref.new_zeros(len(names) + 1, r_max, self.spec.in_features)
         b_stack = ref.new_zeros(len(names) + 1, r_max, self.spec.out_features)
-        for i, (name, p) in enumerate(zip(names, params)):
+        for i, p in enumerate(params):
             if p:
                 r = p[0].shape[0]
                 a_stack[i, :r] = p[0]
-                b_stack[i, :r] = p[1].t() * self.adapters[name].scale
+                b_stack[i, :r] = p[1].t() * p[2]
         self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack
 
@@ -165,13 +191,13 @@ class AdaptedLayer(nn.Module):
         runs = _contiguous_runs(plan)
         if runs is not None and 4 * len(runs) <= plan.batch_size and out3.is_contiguous():
             d_in, d_out = x3.shape[-1], out3.shape[-1]
-            adapters = self.adapters
-            if all(x.dtype == out3.dtype == adapters[n].lora_A.dtype for n in runs if n in adapters):
+            pairs = {n: self._serving_pair(n) for n in runs if n in self.adapters}
+            if all(x.dtype == out3.dtype == p[0].dtype for p in pairs.values()):
                 for name, (start, stop) in runs.items():
-                    if name in adapters:
-                        a = adapters[name]
+                    if name in pairs:
+                        a, b, scale = pairs[name]
                         rows = out3[start:stop].view(-1, d_out)
-                        rows.addmm_(x3[start:stop].reshape(-1, d_in) @ a.lora_A.t(), a.lora_B.t(), alpha=a.scale)
+                        rows.addmm_(x3[start:stop].reshape(-1, d_in) @ a.t(), b.t(), alpha=scale)
                 return out3.view(base_out.shape)
         a_stack, b_stack = self._stacks(plan.names)
         if len(plan.names) == plan.batch_size and 4 * x3.shape[1] <= a_stack.shape[1]:

@@ -22,10 +22,12 @@ class AdapterModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training   # the wrapper reports the mode of the model it wraps
         self.configs: dict[str, LoraConfig] = {}
         self._shared = SharedState()
         self._bias_params: dict[str, list[str]] = {}   # adapter -> base bias paths it trains
         self.shared_tensors = nn.ModuleDict()           # adapter -> tensors shared by all its layers
+        self.shared_tensors.training = model.training
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -139,21 +141,28 @@ class AdapterModel(nn.Module):
 
     def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str],
                  shared: nn.Module | None = None) -> None:
+        # New modules start in the mode of the model they join: an adapter added to a model in eval
+        # mode must not run dropout (nn.Module starts in training mode).
+        mode = self.model.training
         if shared is not None:
-            self.shared_tensors[name] = shared
+            self.shared_tensors[name] = shared.train(mode)
+            self.shared_tensors.training = mode
         for path, adapter in built.items():
             layer = self.model.get_submodule(path)
             if not isinstance(layer, AdaptedLayer):
                 layer = AdaptedLayer(layer, self._shared)
+                layer.training = layer.adapters.training = mode   # flags only: the base keeps its own mode
                 _set_submodule(self.model, path, layer)
-            layer.adapters[name] = adapter
+            layer.adapters[name] = adapter.train(mode)
             adapter.on_install(layer.spec)
         for path in saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, SavedModule):
                 module = SavedModule(module, self._shared)
+                module.training = module.modules_to_save.training = mode
                 _set_submodule(self.model, path, module)
             module.add(name)
+            module.modules_to_save[name].train(mode)
         self._bias_params[name] = self._bias_paths(config, list(built), saved)
         self.configs[name] = config
         self._update_trainable(freeze_base=True)  # the base stays frozen; set_active opens the adapters
@@ -195,6 +204,7 @@ class AdapterModel(nn.Module):
                 module.adapters[name].on_delete(module.spec)
                 del module.adapters[name]
                 module._stack_cache = None
+                module._factor_cache.pop(name, None)
                 if not module.adapters:
                     _set_submodule(self.model, path, module.base_layer)
             elif isinstance(module, SavedModule) and name in module.modules_to_save:

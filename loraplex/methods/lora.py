@@ -89,6 +89,8 @@ class LoraAdapter(Adapter):
 
     method = "lora"
     kinds = (LINEAR, GPT2_CONV1D, EMBEDDING, CONV)
+    paper = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models (arXiv 2106.09685)"
+    serving_form = "low-rank"
 
     def __init__(self, spec: LayerSpec, r: int, alpha: float, config) -> None:
         super().__init__(spec, r, alpha, config)

@@ -114,6 +114,12 @@ class ResidualBase:
         if hasattr(spec.base, _RESIDUAL_MARK):
             delattr(spec.base, _RESIDUAL_MARK)
 
+    def serving_factors(self, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Relative to the installed base W_res the update is s·B A: the factors as they are."""
+        if getattr(self, "serving_form", "") not in ("low-rank", "low-rank after conversion"):
+            return None
+        return self.lora_A.detach(), self.lora_B.detach() * self.scale
+
     def residual_as_lora(self, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with B' A' = s B A - c B₀ A₀: the change of the ORIGINAL weight, rank 2r."""
         a = torch.cat([self.lora_A.detach().float(), self.lora_A0.float()], dim=0)

@@ -76,7 +76,9 @@ class VBLoraAdapter(Adapter):
     serving_form = "low-rank"
     peft_type = "VBLORA"
     kinds = (LINEAR, GPT2_CONV1D)
-    option_defaults: dict[str, object] = {"num_vectors": 256, "vector_length": 256, "topk": 2,
+    # vector_length must divide every adapted dimension: 64 divides those of SmolLM2 (576, 192, 1536) and
+    # of most transformers (multiples of the 64-wide head); PEFT's default is 256.
+    option_defaults: dict[str, object] = {"num_vectors": 256, "vector_length": 64, "topk": 2,
                                           "init_vector_bank_bound": 0.02, "init_logits_std": 0.1,
                                           "save_only_topk_weights": False}
 
@@ -209,7 +211,8 @@ class VBLoraAdapter(Adapter):
         refuse_peft_options(data, "VB-LoRA", ("layers_to_transform", "layers_pattern", "exclude_modules"))
         if data.get("target_modules") is None:
             raise ValueError("target_modules is missing")
-        options = {key: data.get(key, default) for key, default in cls.option_defaults.items()}
+        peft_defaults = {**cls.option_defaults, "vector_length": 256}   # what PEFT assumes when a key is absent
+        options = {key: data.get(key, default) for key, default in peft_defaults.items()}
         return {"r": int(data.get("r", 4)), "dropout": float(data.get("vblora_dropout") or 0.0),
                 "targets": data["target_modules"], "modules_to_save": data.get("modules_to_save") or [],
                 "bias": bias_from_peft(data), "options": options}

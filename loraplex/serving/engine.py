@@ -19,6 +19,9 @@ How a step works (`Engine.step`, always on one thread):
    attention mask over the padding. Each row samples with its own temperature / top_p / seeded
    generator, checks EOS, stop strings and max tokens, and streams its new text.
 
+Compressed adapter sets (`compress.py`, Compress then Serve) are installed once and stay resident:
+their members need no paging, and their rows sit together in the batch (one segment per set).
+
 Every response equals the same request served alone (greedy), up to floating-point summation order.
 """
 
@@ -52,7 +55,11 @@ from loraplex.serving.adapters import (
     base_modules,
     release_freed_host_memory,
 )
+from loraplex.serving.compress import CompressedSet, is_compressed, read_compressed
 from loraplex.serving.layers import PlanContext, ServingModule, StepPlan, Terms
+from loraplex.serving.routing import PromptRouter, prompt_features
+
+ROUTE_PREFIX = "route:"
 
 log = logging.getLogger("loraplex.serving")
 
@@ -110,6 +117,7 @@ class Completion:
     prompt_tokens: int
     error: str | None = None
     error_type: str | None = None   # "invalid_adapter", "adapter_unloaded", "timeout", "internal"
+    routed: str | dict[str, float] | None = None   # what a "route:<router>" request was served with
 
     @property
     def completion_tokens(self) -> int:
@@ -124,6 +132,8 @@ class RequestHandle:
         self.id = "req-" + uuid.uuid4().hex[:20]
         self.prompt_ids = prompt_ids
         self.terms = terms
+        self.group = ""                 # the compressed set of a single-member request: its rows sit together
+        self.routed: str | dict[str, float] | None = None
         self.params = params
         self.deadline = deadline
         self.created = time.time()
@@ -181,7 +191,7 @@ class _Seq:
 
     @property
     def key(self) -> tuple:
-        return (self.handle.terms, self.order)
+        return (self.handle.group, self.handle.terms, self.order)
 
 
 @dataclass
@@ -224,9 +234,27 @@ class ServedModel:
                 continue
             wrapper.lora.pop(name, None)
             wrapper.saved.pop(name, None)
-            if wrapper.empty:   # no adapter left here: put the bare module back
-                _set_submodule(self.model, path, wrapper.base_layer)
-                del self.wrappers[path]
+            self._drop_if_empty(path, wrapper)
+
+    def install_set(self, cset: CompressedSet) -> int:
+        nbytes = 0
+        for path, basis in cset.layers.items():
+            moved = basis.to(self.device)
+            nbytes += sum(t.numel() * t.element_size() for t in moved.tensors())
+            self._wrapper(path).shared[cset.name] = moved
+        return nbytes
+
+    def uninstall_set(self, cset: CompressedSet) -> None:
+        for path in cset.layers:
+            wrapper = self.wrappers.get(path)
+            if wrapper is not None:
+                wrapper.shared.pop(cset.name, None)
+                self._drop_if_empty(path, wrapper)
+
+    def _drop_if_empty(self, path: str, wrapper: ServingModule) -> None:
+        if wrapper.empty:   # no adapter left here: put the bare module back
+            _set_submodule(self.model, path, wrapper.base_layer)
+            del self.wrappers[path]
 
     def _wrapper(self, path: str) -> ServingModule:
         wrapper = self.wrappers.get(path)
@@ -306,6 +334,13 @@ class Engine:
         self._order = itertools.count()
         self._active: OrderedDict[str, _Active] = OrderedDict()   # LRU: least recently used first
         self._refs: Counter[str] = Counter()
+        # compressed sets: name -> set; member adapter -> (set, index); sets installed / being removed
+        self._sets: dict[str, CompressedSet] = {}
+        self._members: dict[str, tuple[str, int]] = {}
+        self._installed: dict[str, int] = {}          # set name -> bytes on the device
+        self._leaving: set[str] = set()
+        self._sets_lock = threading.Lock()
+        self._routers: dict[str, PromptRouter] = {}
         self._deactivated = threading.Condition()
         self.rows: list[_Seq] = []
         self._prefilling: list[_Seq] = []
@@ -325,6 +360,10 @@ class Engine:
             raise ValueError(f"adapter name {name!r} is the base model's name")
         if name in self._active:
             raise ValueError(f"adapter {name!r} is still in use by running requests; retry shortly")
+        if is_compressed(path):
+            return self.add_compressed(path, name)
+        if name in self._members or name in self._sets:
+            raise ValueError(f"an adapter or compressed set named {name!r} is loaded already; unload it first")
         self.pool.register(name, path)
         if not preload:
             return {"name": name, "path": str(path)}
@@ -342,30 +381,108 @@ class Engine:
             raise AdapterFileError(f"{root}: no such folder")
         names = []
         for sub in sorted(root.iterdir()):
-            if sub.is_dir() and (sub / CONFIG_NAME).exists():
+            if sub.is_dir() and is_compressed(sub):
+                names += self.add_compressed(sub, sub.name)["adapters"]
+            elif sub.is_dir() and (sub / CONFIG_NAME).exists():
                 self.add_adapter(sub.name, sub, preload=False)
                 names.append(sub.name)
         return names
 
+    def add_compressed(self, path: str | Path, name: str | None = None) -> dict:
+        """Serve a compressed adapter set (`loraplex compress`): every member under its own name, resident.
+
+        The set is read and checked here; it is installed on the engine thread before the next admission.
+        """
+        cset = read_compressed(path, self.served.modules, self.dtype, name)
+        with self._sets_lock:
+            taken = [n for n in [cset.name, *cset.adapters] if n in self._sets or n in self._members
+                     or self.pool.is_registered(n) or n == self.model_name]
+            if taken:
+                raise ValueError(f"name(s) {taken} of compressed set {cset.name!r} are taken by the base model or "
+                                 "loaded adapters; unload them first")
+            self._sets[cset.name] = cset
+            for i, member in enumerate(cset.adapters):
+                self._members[member] = (cset.name, i)
+        self._wake()
+        return {"name": cset.name, "path": str(cset.path), "method": "compressed", "adapters": cset.adapters,
+                "rank": max(b.rank for b in cset.layers.values()), "layers": len(cset.layers), "bytes": cset.nbytes}
+
+    def _live_member(self, name: str) -> bool:
+        entry = self._members.get(name)
+        return entry is not None and entry[0] not in self._leaving
+
+    # ------------------------------------------------------------------ routers
+    def add_router(self, name: str, router: PromptRouter | str | Path) -> dict:
+        """Serve requests naming "route:<name>": the router picks their adapter(s) from the prompt, once."""
+        if not isinstance(router, PromptRouter):
+            router = PromptRouter.load(router)
+        if not name or any(c in name for c in "/\\ \n"):
+            raise ValueError(f"router name must be a non-empty word, got {name!r}")
+        if name in self._routers:
+            raise ValueError(f"a router named {name!r} is loaded already")
+        dim = self._embedding().weight.shape[1]
+        if router.dim != dim:
+            raise ValueError(f"router {name!r} reads {router.dim}-dim prompt features; this base model's embeddings "
+                             f"have {dim} (fitted on another base model?)")
+        unknown = [a for a in router.adapters if not (self.pool.is_registered(a) or self._live_member(a))]
+        if unknown:
+            raise ValueError(f"router {name!r} chooses among adapters {unknown} that are not loaded; load them first")
+        self._routers[name] = router
+        return {"name": ROUTE_PREFIX + name, "kind": router.kind, "adapters": router.adapters, "top_k": router.top_k}
+
+    def remove_router(self, name: str) -> None:
+        if self._routers.pop(name.removeprefix(ROUTE_PREFIX), None) is None:
+            raise AdapterNotFound(f"no router named {name!r}")
+
+    def router_names(self) -> list[str]:
+        return [ROUTE_PREFIX + n for n in self._routers]
+
+    def route(self, prompt_ids: Sequence[int], router: str) -> str | dict[str, float]:
+        """The adapter (or weighted mix) router `router` ("route:<name>" or "<name>") picks for a prompt."""
+        name = router.removeprefix(ROUTE_PREFIX)
+        if name not in self._routers:
+            raise AdapterNotFound(f"no router named {name!r}; routers: {', '.join(self.router_names()) or 'none'}")
+        return self._routers[name].route(prompt_features(self._embedding(), [prompt_ids])[0])
+
+    def _embedding(self) -> nn.Embedding:
+        emb = self.served.model.get_input_embeddings()
+        return getattr(emb, "base_layer", emb)      # the bare table, even while an adapter wraps it
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter a request may name: registered ones and members of compressed sets."""
+        return self.pool.names() + [m for m in list(self._members) if self._live_member(m)]
+
     def remove_adapter(self, name: str, *, wait: float | None = None) -> None:
         """Unregister; the adapter leaves the device (memory freed) once no running request uses it.
 
-        `wait`: seconds to wait for that (it happens on the engine's next step).
+        `wait`: seconds to wait for that (it happens on the engine's next step). A compressed set is
+        removed by its set name, all members together.
         """
+        if name in self._sets and name not in self._leaving:
+            self._leaving.add(name)
+            self._wake()
+            self._wait_gone(lambda: name in self._sets, wait)
+            return
+        if name in self._members:
+            raise ValueError(f"{name!r} is a member of compressed set {self._members[name][0]!r}; unload the set")
         self.pool.unregister(name)
         if name not in self._active:
             release_freed_host_memory()     # it was only in the host tier: freed right here
-        if wait is not None:
-            end = time.monotonic() + wait
-            with self._deactivated:
-                while name in self._active and time.monotonic() < end:
-                    if self._thread is None:   # nobody else steps the engine: do the upkeep here
-                        with torch.inference_mode():
-                            self._upkeep()
-                        if name in self._active:
-                            return             # still used by requests that only `step()` can finish
-                        continue
-                    self._deactivated.wait(0.05)
+        self._wait_gone(lambda: name in self._active, wait)
+
+    def _wait_gone(self, present: Callable[[], bool], wait: float | None) -> None:
+        if wait is None:
+            return
+        end = time.monotonic() + wait
+        with self._deactivated:
+            while present() and time.monotonic() < end:
+                if self._thread is None:   # nobody else steps the engine: do the upkeep here
+                    with torch.inference_mode():
+                        self._upkeep()
+                    if present():
+                        return             # still used by requests that only `step()` can finish
+                    continue
+                self._deactivated.wait(0.05)
 
     def adapters(self) -> list[dict]:
         active, cached = set(self._active), set(self.pool.cached_names())
@@ -380,13 +497,20 @@ class Engine:
                      else "loading" if name in loading else "failed" if self.pool.failure(name) else "registered")
             out.append({"name": name, "path": path, "state": state,
                         "error": self.pool.failure(name)})
+        for member, (set_name, _) in list(self._members.items()):
+            cset = self._sets.get(set_name)
+            if cset is not None and set_name not in self._leaving:
+                out.append({"name": member, "path": str(cset.path), "state": "compressed", "set": set_name,
+                            "error": None})
         return out
 
     def memory(self) -> dict:
         """Bytes held by adapters: in host memory, and installed on the compute device."""
         out = {"host_bytes": self.pool.host_bytes(),
                "device_bytes": sum(a.nbytes for a in list(self._active.values())),
-               "active": len(self._active), "cached": len(self.pool.cached_names())}
+               "active": len(self._active), "cached": len(self.pool.cached_names()),
+               "compressed_bytes": sum(self._installed.values()),
+               "compressed_adapters": sum(len(self._sets[n].adapters) for n in list(self._installed))}
         if self.device.type == "cuda":
             out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
         return out
@@ -397,21 +521,22 @@ class Engine:
         if adapter is None or adapter == "" or adapter == self.model_name:
             return ()
         if isinstance(adapter, str):
-            if not self.pool.is_registered(adapter):
-                raise AdapterNotFound(f"no adapter or model named {adapter!r}; available: "
-                                      f"{', '.join([self.model_name, *self.pool.names()])}")
+            if not self.pool.is_registered(adapter) and not self._live_member(adapter):
+                names = [self.model_name, *self.adapter_names()]
+                shown = ", ".join(names[:20]) + (f", … ({len(names)} in all)" if len(names) > 20 else "")
+                raise AdapterNotFound(f"no adapter or model named {adapter!r}; available: {shown}")
             return ((adapter, 1.0),)
         if not isinstance(adapter, Mapping) or not adapter:
             raise InvalidRequest("adapters must be a name, or a non-empty mapping of adapter name to weight")
         terms = []
         for name, weight in adapter.items():
-            if not isinstance(name, str) or not self.pool.is_registered(name):
-                raise AdapterNotFound(f"no adapter named {name!r}; available: {', '.join(self.pool.names())}")
+            if not isinstance(name, str) or not (self.pool.is_registered(name) or self._live_member(name)):
+                raise AdapterNotFound(f"no adapter named {name!r}; available: {', '.join(self.adapter_names()[:20])}")
             if not _is_number(weight):
                 raise InvalidRequest(f"adapter weight for {name!r} must be a finite number, got {weight!r}")
             if weight != 0:
                 terms.append((name, float(weight)))
-        if len(terms) > self.max_active:
+        if len([n for n, _ in terms if n not in self._members]) > self.max_active:
             raise InvalidRequest(f"a request may mix at most max_active={self.max_active} adapters")
         return tuple(sorted(terms))
 
@@ -433,9 +558,15 @@ class Engine:
         if len(ids) + params.max_tokens > self.context_length:
             raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                                  f"model's context length of {self.context_length}")
+        routed = None
+        if isinstance(adapter, str) and adapter.startswith(ROUTE_PREFIX):
+            adapter = routed = self.route(ids, adapter)     # chosen once, from the prompt, for every token
         terms = self.resolve(adapter)
         deadline = None if timeout is None else time.monotonic() + timeout
         handle = RequestHandle(ids, terms, params, deadline, listener)
+        handle.routed = routed
+        if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self._members:
+            handle.group = "~" + self._members[terms[0][0]][0]     # after plain rows ("" sorts first)
         seq = _Seq(handle, next(self._order), waiting_since=time.monotonic())
         if params.temperature > 0:
             seq.generator = torch.Generator(device="cpu")
@@ -448,7 +579,7 @@ class Engine:
             self.counters["submitted"] += 1
             self._cond.notify_all()
         for name, _ in terms:            # start reading from disk now if the loader is not busy
-            if name not in self._active and self.pool.get_cached(name) is None:
+            if name not in self._members and name not in self._active and self.pool.get_cached(name) is None:
                 self._maybe_load(name)
         return handle
 
@@ -568,6 +699,25 @@ class Engine:
         gone = [n for n in self._active if self._refs[n] == 0 and not self.pool.is_registered(n)]
         for name in gone:
             self._deactivate(name)
+        with self._sets_lock:
+            pending = [c for n, c in self._sets.items() if n not in self._installed and n not in self._leaving]
+        for cset in pending:
+            self._installed[cset.name] = self.served.install_set(cset)
+        for set_name in list(self._leaving):
+            cset = self._sets[set_name]
+            if any(self._refs[m] for m in cset.adapters):
+                continue                    # still used by running requests
+            if set_name in self._installed:
+                self.served.uninstall_set(cset)
+                del self._installed[set_name]
+            with self._sets_lock:
+                for m in cset.adapters:
+                    self._members.pop(m, None)
+                del self._sets[set_name]
+                self._leaving.discard(set_name)
+            gone.append(set_name)
+            with self._deactivated:
+                self._deactivated.notify_all()
         if gone:
             release_freed_host_memory()
 
@@ -600,7 +750,8 @@ class Engine:
                 continue
             for n in names:
                 self._refs[n] += 1
-                self._active.move_to_end(n)
+                if n in self._active:
+                    self._active.move_to_end(n)
             seq.admitted = True
             self._remove_waiting(seq)
             admitted.append(seq)
@@ -617,6 +768,13 @@ class Engine:
         terms = seq.handle.terms
         hosts = []
         for name, _ in terms:
+            if name in self._members:
+                set_name = self._members[name][0]
+                if set_name in self._leaving:
+                    return "adapter_unloaded", f"compressed set {set_name!r} (adapter {name!r}) was unloaded"
+                if set_name not in self._installed:
+                    return "wait", None
+                continue
             if name in self._active and self.pool.is_registered(name):
                 hosts.append(self._active[name].host)
                 continue
@@ -637,7 +795,7 @@ class Engine:
         return "ready", None
 
     def _activate(self, names: list[str]) -> bool:
-        missing = [n for n in names if n not in self._active]
+        missing = [n for n in names if n not in self._active and n not in self._members]
         if not missing:
             return True
         free = self.max_active - len(self._active)
@@ -696,7 +854,7 @@ class Engine:
             mask = (torch.arange(width)[None, :] >= (width - n)[:, None]).long().to(self.device)
         cache = kv.new_cache(self.num_layers)
         extra = {"logits_to_keep": 1} if self._last_logits_only else {}
-        out = self._forward(StepPlan([s.handle.terms for s in seqs]), input_ids=ids.to(self.device),
+        out = self._forward(self._plan(seqs), input_ids=ids.to(self.device),
                             position_ids=positions.to(self.device), attention_mask=mask, cache=cache, **extra)
         logits = out.logits[:, -1].float()
         greedy = logits.argmax(-1).tolist()
@@ -716,7 +874,7 @@ class Engine:
                  for s in rows]
         self.cache = kv.assemble(parts, length, headroom=32)
         self.rows, self.length = rows, length
-        self.plan = StepPlan([s.handle.terms for s in rows])
+        self.plan = self._plan(rows)
 
     def _decode(self) -> None:
         rows, length = self.rows, self.length
@@ -749,7 +907,10 @@ class Engine:
         self.cache = kv.assemble([(self.cache, i) for i in keep], length, headroom=32)
         self.rows = [self.rows[i] for i in keep]
         self.length = length
-        self.plan = StepPlan([s.handle.terms for s in self.rows])
+        self.plan = self._plan(self.rows)
+
+    def _plan(self, rows: list[_Seq]) -> StepPlan:
+        return StepPlan([s.handle.terms for s in rows], self._members, self.device)
 
     def _sample(self, seq: _Seq, logits: torch.Tensor) -> int:
         p = seq.handle.params
@@ -805,7 +966,8 @@ class Engine:
             self._emit_text(seq, final_text)
         if error is not None and error_type is None:
             error_type = "timeout" if reason == "timeout" else "internal"
-        h.completion = Completion(h.id, h.text, list(seq.tokens), reason, len(h.prompt_ids), error, error_type)
+        h.completion = Completion(h.id, h.text, list(seq.tokens), reason, len(h.prompt_ids), error, error_type,
+                                  h.routed)
         self.counters[f"finished_{reason}"] += 1
         h._emit("done", h.completion)
         h._done.set()
@@ -818,9 +980,7 @@ class Engine:
         self.served.ctx.plan = None
 
     def _vocab_size(self) -> int:
-        emb = self.served.model.get_input_embeddings()
-        base = getattr(emb, "base_layer", emb)
-        return int(base.weight.shape[0])
+        return int(self._embedding().weight.shape[0])
 
     def stats(self) -> dict:
         return {"running": len(self.rows), "waiting": len(self._waiting), "active_adapters": len(self._active),

@@ -10,18 +10,26 @@ runs, per slice and per adapter of the slice,
 in place on the base layer's output. `B A` is never formed. DoRA rows are rescaled by the adapter's
 precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are recomputed by the adapter's own copy of
 the module.
+
+Members of a compressed set (`compress.py`, ΔW_i ≈ U Σ_i Vᵀ) sit next to each other in the batch, so
+the plan covers all their rows with one segment: y += ((x V) Σ_iᵀ) Uᵀ, two GEMMs for the segment and a
+batched R x R product per row, however many distinct members the segment holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.adapter import EMBEDDING
+
+if TYPE_CHECKING:
+    from loraplex.serving.compress import SharedBasis
 
 Terms = tuple[tuple[str, float], ...]
 """What a row is served with: () for the bare base, ((name, 1.0),) for one adapter, or a weighted mix."""
@@ -61,11 +69,27 @@ class Group:
     terms: Terms
 
 
-class StepPlan:
-    """Contiguous row slices of one forward pass, one per distinct `Terms` (rows must come grouped)."""
+@dataclass(frozen=True)
+class Segment:
+    """Rows start:stop all served by single members of compressed set `group`; index[i] = row's member."""
 
-    def __init__(self, row_terms: Sequence[Terms]) -> None:
+    start: int
+    stop: int
+    group: str
+    index: torch.Tensor
+
+
+class StepPlan:
+    """Contiguous row slices of one forward pass, one per distinct `Terms` (rows must come grouped).
+
+    members: adapter name -> (compressed set, index in the set). Consecutive rows served by one member
+    each of the same set form one `Segment`; their groups are left out of `adapted`.
+    """
+
+    def __init__(self, row_terms: Sequence[Terms], members: Mapping[str, tuple[str, int]] | None = None,
+                 device: torch.device | str | None = None) -> None:
         self.batch_size = len(row_terms)
+        self.members = members or {}
         groups: list[Group] = []
         start = 0
         for i in range(1, len(row_terms) + 1):
@@ -76,7 +100,26 @@ class StepPlan:
         if len(set(seen)) != len(seen):
             raise ValueError("rows are not grouped by adapter: each adapter's rows must be contiguous")
         self.groups = groups
-        self.adapted = [g for g in groups if g.terms]
+        self.segments: list[Segment] = []
+        runs: list[tuple[str, list[Group]]] = []
+        for g in groups:
+            set_name = self._set_of(g.terms)
+            if set_name is not None and runs and runs[-1][0] == set_name and runs[-1][1][-1].stop == g.start:
+                runs[-1][1].append(g)
+            elif set_name is not None:
+                runs.append((set_name, [g]))
+        in_segment = set()
+        for set_name, run in runs:
+            index = [self.members[g.terms[0][0]][1] for g in run for _ in range(g.start, g.stop)]
+            self.segments.append(Segment(run[0].start, run[-1].stop, set_name,
+                                         torch.tensor(index, dtype=torch.long, device=device)))
+            in_segment.update(id(g) for g in run)
+        self.adapted = [g for g in groups if g.terms and id(g) not in in_segment]
+
+    def _set_of(self, terms: Terms) -> str | None:
+        if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
+            return self.members[terms[0][0]][0]
+        return None
 
     @classmethod
     def single(cls, terms: Terms, batch_size: int = 1) -> StepPlan:
@@ -101,15 +144,16 @@ class ServingModule(nn.Module):
         # Plain dicts (not ModuleDicts): adapter tensors are not model parameters.
         self.lora: dict[str, LoraWeights] = {}
         self.saved: dict[str, nn.Module] = {}
+        self.shared: dict[str, SharedBasis] = {}     # compressed sets touching this layer, by set name
 
     @property
     def empty(self) -> bool:
-        return not self.lora and not self.saved
+        return not self.lora and not self.saved and not self.shared
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
         plan = self._ctx.plan
-        if plan is None or not plan.adapted:
+        if plan is None or not (plan.adapted or plan.segments):
             return out
         rows = x.shape[0]
         if rows != plan.batch_size:
@@ -122,11 +166,20 @@ class ServingModule(nn.Module):
             x2 = x.reshape(-1, x.shape[-1])
             y2 = out.view(-1, out.shape[-1])
             per_row = x2.shape[0] // rows
+            for seg in plan.segments:
+                basis = self.shared.get(seg.group)
+                if basis is not None:
+                    lo, hi = seg.start * per_row, seg.stop * per_row
+                    delta = basis.delta_rows(x2[lo:hi].view(seg.stop - seg.start, per_row, -1).to(basis.v.dtype),
+                                             seg.index)
+                    y2[lo:hi] += delta.view(hi - lo, -1).to(y2.dtype)
         for g in plan.adapted:
             if len(g.terms) == 1 and g.terms[0][0] in self.saved:
                 out[g.start:g.stop] = self.saved[g.terms[0][0]](x[g.start:g.stop], *args, **kwargs)
                 continue
             present = [(self.lora[n], w) for n, w in g.terms if n in self.lora]
+            present += [(self._member(plan, n), w) for n, w in g.terms if n in plan.members and n not in self.lora]
+            present = [(lw, w) for lw, w in present if lw is not None]
             if not present:
                 continue
             if flat:
@@ -159,10 +212,18 @@ class ServingModule(nn.Module):
             delta = (ratio - 1) * wx.to(low.dtype) + ratio * low
             ys.add_(delta.to(ys.dtype), alpha=weight)
 
+    def _member(self, plan: StepPlan, name: str) -> LoraWeights | None:
+        """A compressed member in a mix: low-rank factors Aᵀ = V, (sB)ᵀ = Σᵀ Uᵀ (R x d_out, made per step)."""
+        set_name, index = plan.members[name]
+        basis = self.shared.get(set_name)
+        if basis is None:
+            return None
+        return LoraWeights(self.kind, basis.v, basis.sigma_t[index] @ basis.u_t)
+
     def _embedding_delta(self, ids: torch.Tensor, ys: torch.Tensor, present: list[tuple[LoraWeights, float]]) -> None:
         for lw, weight in present:
             h = F.embedding(ids, lw.a_t)                            # row gather of Aᵀ: (..., r)
             ys.add_((h @ lw.b_t).to(ys.dtype), alpha=weight)
 
     def extra_repr(self) -> str:
-        return f"lora={sorted(self.lora)}, saved={sorted(self.saved)}"
+        return f"lora={sorted(self.lora)}, saved={sorted(self.saved)}, shared={sorted(self.shared)}"

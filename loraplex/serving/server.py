@@ -8,7 +8,9 @@ Endpoints:
   adapter is chosen by `model` (an adapter name, or the base model's name for none). Extension: an
   `"adapters": {"name": weight, ...}` field serves a weighted mix (then `model` is the base name).
   `"stream": true` streams server-sent events ending with `data: [DONE]`.
-* `GET /v1/models`: the base model and every adapter.
+* `GET /v1/models`: the base model, every adapter (members of compressed sets included) and every
+  prompt router as `route:<name>`. A request with `model: "route:<name>"` is served by the adapter(s)
+  that router picks from its prompt, once (MiLoRA-style); the choice is returned as `choices[i].adapter`.
 * `POST /v1/load_lora_adapter` `{"lora_name", "lora_path"}`, `POST /v1/unload_lora_adapter`
   `{"lora_name"}`, `GET /v1/adapters`: admin, `Authorization: Bearer <token>` (401 without it, 403
   with a wrong one or when the server has no admin token).
@@ -229,7 +231,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
         data = [{"id": engine.model_name, "object": "model", "created": now, "owned_by": "loraplex",
                  "root": engine.model_name, "parent": None}]
         data += [{"id": n, "object": "model", "created": now, "owned_by": "loraplex", "root": n,
-                  "parent": engine.model_name} for n in engine.pool.names()]
+                  "parent": engine.model_name} for n in engine.adapter_names() + engine.router_names()]
         return {"object": "list", "data": data}
 
     # ------------------------------------------------------------------ admin
@@ -247,7 +249,7 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
         except AdapterFileError as err:
             raise HTTPError(400, str(err), param="lora_path") from None
         except ValueError as err:
-            status = 409 if "already" in str(err) or "still in use" in str(err) else 400
+            status = 409 if any(w in str(err) for w in ("already", "still in use", "taken")) else 400
             raise HTTPError(status, str(err), param="lora_name") from None
         return {"status": "loaded", **info}
 
@@ -262,6 +264,8 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
             await asyncio.to_thread(engine.remove_adapter, name, wait=5.0)
         except AdapterNotFound as err:
             raise HTTPError(404, str(err), "not_found_error", code="model_not_found") from None
+        except ValueError as err:      # a member of a compressed set: unload the set
+            raise HTTPError(400, str(err), param="lora_name") from None
         return {"status": "unloaded", "name": name, "memory": engine.memory()}
 
     @app.get("/v1/adapters")
@@ -356,6 +360,10 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
         raise HTTPError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of those",
                         param="prompt")
 
+    def routed(c: Completion) -> dict:
+        """Extension field: which adapter(s) a "route:<router>" request was served with."""
+        return {} if c.routed is None else {"adapter": c.routed}
+
     def usage(cs: list[Completion]) -> dict:
         p, g = sum(c.prompt_tokens for c in cs), sum(c.completion_tokens for c in cs)
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
@@ -392,8 +400,8 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
                 if c.error is not None or c.finish_reason == "timeout":
                     raise completion_error(c)
             return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                                for i, c in enumerate(done)], "usage": usage(done)}
+                    "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None,
+                                 **routed(c)} for i, c in enumerate(done)], "usage": usage(done)}
         events, listener = listen()
         handle = submit(prompts[0], adapter, params, listener)
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
@@ -443,7 +451,8 @@ def create_app(engine: Engine, *, admin_token: str | None = None, request_timeou
                 raise completion_error(c)
             return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                                 "finish_reason": c.finish_reason, "logprobs": None}], "usage": usage([c])}
+                                 "finish_reason": c.finish_reason, "logprobs": None, **routed(c)}],
+                    "usage": usage([c])}
         include_usage = bool((data.get("stream_options") or {}).get("include_usage"))
 
         def chunk(delta: dict, finish: str | None) -> dict:

@@ -1,0 +1,1 @@
+"""Maintenance tools run from the repository (`python -m loraplex.tools.NAME`)."""
