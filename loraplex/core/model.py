@@ -183,6 +183,8 @@ class AdapterModel(nn.Module):
 
     def bias_parameters(self, name: str) -> dict[str, nn.Parameter]:
         """The base biases adapter `name` trains, keyed by their current parameter names (PEFT's)."""
+        if not self._bias_params.get(name):
+            return {}
         modules = candidate_modules(self.model)
         out = {}
         for path in self._bias_params.get(name, []):

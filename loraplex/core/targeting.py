@@ -19,15 +19,16 @@ class TargetError(ValueError):
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module path -> the module as the user knows it (the base layer for wrapped layers)."""
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
+    skip: str | None = None  # named_modules walks depth-first, so a wrapper's subtree comes in one run
     for path, module in model.named_modules():
-        if any(path.startswith(s) for s in skip):
+        if skip is not None and path.startswith(skip):
             continue
+        skip = None
         if isinstance(module, AdaptedLayer):
             out[path] = module.base_layer
-            skip.append(path + ".")
+            skip = path + "."
         elif isinstance(module, SavedModule):
-            skip.append(path + ".")
+            skip = path + "."
             out[path] = module.original_module
         elif path:
             out[path] = module
