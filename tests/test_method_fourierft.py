@@ -16,6 +16,7 @@ import peft
 import pytest
 import torch
 from conftest import HF_VOCAB, hf_ids, randomize, tiny_gpt2
+from method_checks import assert_rows_match_alone
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -129,14 +130,7 @@ def test_mixed_batch_equals_each_row_alone():
     x = x_in(rows=5)
     ids = ["a", "b", None, "b", "a"]
     mixed = model(x, adapter_ids=ids)
-    for i, name in enumerate(ids):
-        if name is None:
-            with model.disabled():
-                row = model(x[i:i + 1])
-        else:
-            model.set_active(name)
-            row = model(x[i:i + 1])
-        torch.testing.assert_close(mixed[i:i + 1], row, rtol=1e-5, atol=1e-6, msg=f"row {i}")
+    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- PEFT parity (GPT-2 Conv1D)
