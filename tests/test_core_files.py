@@ -270,6 +270,36 @@ def test_truncated_safetensors_is_rejected(good_adapter, tmp_path):
         assert_rejected(folder, str(folder / WEIGHTS), "safetensors")
 
 
+def test_weights_reader_matches_safetensors(tmp_path):
+    """`loraplex.load` reads weight files itself (one read, views): same tensors and metadata as safetensors."""
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(7, dtype=torch.bfloat16), "f16": torch.randn(2, 2).half(),
+               "i8": torch.arange(5, dtype=torch.int8), "i64": torch.arange(3), "bool": torch.tensor([True, False]),
+               "scalar": torch.tensor(2.5), "empty": torch.empty(0, 4)}
+    save_file(tensors, tmp_path / "w.safetensors", metadata={"k": "v"})
+    read, metadata = lp_io._read_safetensors(tmp_path / "w.safetensors")
+    expected = load_file(tmp_path / "w.safetensors")
+    assert metadata == {"k": "v"} and set(read) == set(expected)
+    for key, value in expected.items():
+        assert read[key].dtype == value.dtype and read[key].shape == value.shape and torch.equal(read[key], value)
+
+
+def test_weights_file_with_bad_offsets_is_rejected(good_adapter, tmp_path):
+    import struct
+
+    folder = copy_adapter(good_adapter, tmp_path / "bad")
+    data = (folder / WEIGHTS).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    key = next(k for k in header if k != "__metadata__")
+    begin, end = header[key]["data_offsets"]
+    for offsets in ([begin, end + 4], [begin, len(data)], [end, begin]):
+        bad = dict(header, **{key: dict(header[key], data_offsets=offsets)})
+        text = json.dumps(bad).encode()
+        text += b" " * (-len(text) % 8)
+        (folder / WEIGHTS).write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+        assert_rejected(folder, str(folder / WEIGHTS), "safetensors")
+
+
 def test_non_safetensors_file_is_rejected(good_adapter, tmp_path):
     folder = copy_adapter(good_adapter, tmp_path / "bad")
     marker = tmp_path / "unpickled"

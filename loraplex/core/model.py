@@ -13,7 +13,7 @@ from torch import nn
 from loraplex.core.adapter import Adapter, LayerSpec
 from loraplex.core.config import LoraConfig
 from loraplex.core.layers import AdaptedLayer, MixedBatchPlan, SavedModule, SharedState
-from loraplex.core.targeting import TargetError, candidate_modules, find_targets
+from loraplex.core.targeting import TargetError, find_targets, scan
 
 
 class AdapterModel(nn.Module):
@@ -54,7 +54,8 @@ class AdapterModel(nn.Module):
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a loraplex.LoraConfig, got {type(config).__name__}")
         built, saved, shared = self._build(name, config, targets)
-        self._install(name, config, built, saved, shared)
+        first = not self.configs   # the first adapter is activated, after its calibration
+        self._install(name, config, built, saved, shared, activate=first and calibration_data is None)
         if calibration_data is not None:
             from loraplex.methods import get
 
@@ -62,8 +63,8 @@ class AdapterModel(nn.Module):
             if init is None:
                 raise ValueError(f"method {config.method!r} takes no calibration data")
             init(self, name, calibration_data)
-        if len(self.configs) == 1:
-            self.set_active(name)
+            if first:
+                self.set_active(name)
 
     def _refuse_if_merged(self, what: str) -> None:
         """New adapters initialise from the base weights (DoRA's magnitude, SVD-based inits), which hold
@@ -89,15 +90,10 @@ class AdapterModel(nn.Module):
         from loraplex.methods import get
 
         method = get(config.method)
-        if targets is None:
-            paths = find_targets(self.model, config.targets, config.exclude)
-            # the same mapping as candidate_modules (which find_targets just walked), without a second walk
-            modules = {p: _user_module(self.model.get_submodule(p)) for p in paths}
-        else:
-            paths = targets
-            modules = candidate_modules(self.model)
-        saved_paths = _saved_paths(self.model, config.modules_to_save)
-        self._check_adapted_vs_saved(name, paths, saved_paths)
+        modules, wrappers = scan(self.model)
+        paths = find_targets(self.model, config.targets, config.exclude, modules) if targets is None else targets
+        saved_paths = _saved_paths(modules, config.modules_to_save)
+        self._check_adapted_vs_saved(name, paths, saved_paths, wrappers)
         specs = {}
         for path in paths:
             if path not in modules:
@@ -119,13 +115,13 @@ class AdapterModel(nn.Module):
                 raise TargetError(f"{path}: {err}") from None
         return built, saved_paths, shared
 
-    def _check_adapted_vs_saved(self, name: str, targets: list[str], saved: list[str]) -> None:
+    def _check_adapted_vs_saved(self, name: str, targets: list[str], saved: list[str],
+                                wrappers: dict[str, nn.Module]) -> None:
         """A module is either adapted (low rank) or trained in full (`modules_to_save`), never both.
 
         Wrapping one kind of wrapper inside the other would copy other adapters into the full copy
         and put their tensors under paths PEFT does not know; refuse it before touching anything.
         """
-        wrappers = dict(self._wrappers())
         for path in targets:
             module = wrappers.get(path)
             if isinstance(module, SavedModule) and not any(path == s for s in saved):
@@ -140,34 +136,40 @@ class AdapterModel(nn.Module):
                                   "and trained in full")
 
     def _install(self, name: str, config: LoraConfig, built: dict[str, Adapter], saved: list[str],
-                 shared: nn.Module | None = None) -> None:
+                 shared: nn.Module | None = None, activate: bool = False) -> None:
+        """Put built adapters into the model; `activate`: make `name` the only active adapter (the
+        caller has refused merged models, so this is what `set_active(name)` would do)."""
         # New modules start in the mode of the model they join: an adapter added to a model in eval
         # mode must not run dropout (nn.Module starts in training mode).
         mode = self.model.training
         if shared is not None:
             self.shared_tensors[name] = shared.train(mode)
             self.shared_tensors.training = mode
+        modules, wrappers = scan(self.model)
         for path, adapter in built.items():
-            layer = self.model.get_submodule(path)
+            layer = wrappers.get(path)
             if not isinstance(layer, AdaptedLayer):
-                layer = AdaptedLayer(layer, self._shared)
+                layer = AdaptedLayer(modules[path], self._shared)
                 layer.training = layer.adapters.training = mode   # flags only: the base keeps its own mode
                 _set_submodule(self.model, path, layer)
             layer.adapters[name] = adapter.train(mode)
             adapter.on_install(layer.spec)
         for path in saved:
-            module = self.model.get_submodule(path)
+            module = wrappers.get(path)
             if not isinstance(module, SavedModule):
-                module = SavedModule(module, self._shared)
+                module = SavedModule(modules[path], self._shared)
                 module.training = module.modules_to_save.training = mode
                 _set_submodule(self.model, path, module)
             module.add(name)
             module.modules_to_save[name].train(mode)
-        self._bias_params[name] = self._bias_paths(config, list(built), saved)
+        self._bias_params[name] = self._bias_paths(config, list(built), saved, modules)
         self.configs[name] = config
-        self._update_trainable(freeze_base=True)  # the base stays frozen; set_active opens the adapters
+        if activate:
+            self._shared.active = [(name, 1.0)]
+        self._update_trainable(freeze_base=True)  # the base stays frozen; only active adapters train
 
-    def _bias_paths(self, config: LoraConfig, adapted: list[str], saved: list[str]) -> list[str]:
+    def _bias_paths(self, config: LoraConfig, adapted: list[str], saved: list[str],
+                    modules: dict[str, nn.Module]) -> list[str]:
         """Paths of the modules (as the user knows them) whose bias this adapter trains.
 
         Module paths, not parameter names: wrapping and unwrapping layers for other adapters moves a
@@ -176,7 +178,6 @@ class AdapterModel(nn.Module):
         """
         if config.bias == "none":
             return []
-        modules = candidate_modules(self.model)
         paths = adapted if config.bias == "lora_only" else [
             p for p in modules if not any(p == s or p.startswith(s + ".") for s in saved)]
         return [p for p in paths if isinstance(getattr(modules[p], "bias", None), nn.Parameter)]
@@ -185,10 +186,10 @@ class AdapterModel(nn.Module):
         """The base biases adapter `name` trains, keyed by their current parameter names (PEFT's)."""
         if not self._bias_params.get(name):
             return {}
-        modules = candidate_modules(self.model)
+        modules, wrappers = scan(self.model)
         out = {}
         for path in self._bias_params.get(name, []):
-            wrapper = self.model.get_submodule(path)
+            wrapper = wrappers.get(path)
             inner = ("base_layer." if isinstance(wrapper, AdaptedLayer)
                      else "original_module." if isinstance(wrapper, SavedModule) else "")
             out[f"{path}.{inner}bias"] = modules[path].bias
@@ -243,25 +244,22 @@ class AdapterModel(nn.Module):
     def _update_trainable(self, freeze_base: bool = False) -> None:
         """Parameters of the active adapters train; everything else is frozen.
 
-        `freeze_base`: first freeze every parameter of the model (done in the same walk).
+        `freeze_base`: first freeze every parameter of the base model.
         """
         active = {n for n, _ in self._shared.active}
-        # One walk over the modules `named_modules` visits, without building their path names (this
-        # runs on every add / load / set_active, over a model holding hundreds of wrappers).
-        wrappers, seen, stack = [], set(), [self.model]
-        while stack:
-            module = stack.pop()
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            if freeze_base:
-                for p in module._parameters.values():
+        modules, wrappers = scan(self.model)
+        if freeze_base:
+            for path, module in [("", self.model), *modules.items()]:
+                # a wrapped layer's whole subtree; any other module's own parameters (its children follow)
+                params = module.parameters() if path in wrappers else module._parameters.values()
+                for p in params:
                     if p is not None:
                         p.requires_grad_(False)
-            if isinstance(module, (AdaptedLayer, SavedModule)):
-                wrappers.append(module)
-            stack.extend(m for m in module._modules.values() if m is not None)
-        for module in wrappers:
+        for module in wrappers.values():
+            if isinstance(module, SavedModule):   # its copies train below, the original stays frozen
+                for p in module.original_module.parameters():
+                    p.requires_grad_(False)
+        for module in wrappers.values():
             children = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
             for n, child in children.items():
                 on = n in active
@@ -286,9 +284,7 @@ class AdapterModel(nn.Module):
             raise KeyError(f"no adapter named {name!r}; adapters: {', '.join(self.configs) or '(none)'}")
 
     def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, (AdaptedLayer, SavedModule)):
-                yield path, module
+        yield from scan(self.model)[1].items()
 
     def adapted_layers(self, name: str | None = None) -> dict[str, AdaptedLayer]:
         return {p: m for p, m in self._wrappers() if isinstance(m, AdaptedLayer)
@@ -418,25 +414,17 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
     return wrapped
 
 
-def _user_module(module: nn.Module) -> nn.Module:
-    """A module as the user knows it: the wrapped layer for our wrappers (as `candidate_modules`)."""
-    if isinstance(module, AdaptedLayer):
-        return module.base_layer
-    if isinstance(module, SavedModule):
-        return module.original_module
-    return module
-
-
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
+    parent = root
+    *parents, leaf = path.split(".")
+    for part in parents:   # through _modules: get_submodule's attribute lookups cost ~10x more
+        parent = parent._modules[part]
     setattr(parent, leaf, module)
 
 
-def _saved_paths(model: nn.Module, names: list[str]) -> list[str]:
+def _saved_paths(modules: dict[str, nn.Module], names: list[str]) -> list[str]:
     if not names:
         return []
-    modules = candidate_modules(model)
     paths = [p for p in modules if any(p == n or p.endswith("." + n) for n in names)]
     missing = [n for n in names if not any(p == n or p.endswith("." + n) for p in paths)]
     if missing:

@@ -16,23 +16,40 @@ class TargetError(ValueError):
     """The targets match nothing, or match something we cannot adapt."""
 
 
+def scan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """One walk of `model`: (every module path -> the module as the user knows it, path -> our wrapper).
+
+    The user's module is the base layer for wrapped layers. Wrappers are not descended into (their
+    adapters can outnumber the model's own modules), which keeps this cheap enough to run on every
+    add / load / delete. The order is `named_modules`' (depth first), each module once.
+    """
+    modules: dict[str, nn.Module] = {}
+    wrappers: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, AdaptedLayer):
+            modules[path], wrappers[path] = module._modules["base_layer"], module
+            continue
+        if isinstance(module, SavedModule):
+            modules[path], wrappers[path] = module._modules["original_module"], module
+            continue
+        if path:
+            modules[path] = module
+        children = module._modules
+        if children:
+            prefix = path + "." if path else ""
+            stack.extend([(prefix + n, m) for n, m in reversed(children.items()) if m is not None])
+    return modules, wrappers
+
+
 def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module path -> the module as the user knows it (the base layer for wrapped layers)."""
-    out: dict[str, nn.Module] = {}
-    skip: str | None = None  # named_modules walks depth-first, so a wrapper's subtree comes in one run
-    for path, module in model.named_modules():
-        if skip is not None and path.startswith(skip):
-            continue
-        skip = None
-        if isinstance(module, AdaptedLayer):
-            out[path] = module.base_layer
-            skip = path + "."
-        elif isinstance(module, SavedModule):
-            skip = path + "."
-            out[path] = module.original_module
-        elif path:
-            out[path] = module
-    return out
+    return scan(model)[0]
 
 
 def _matches_name(path: str, name: str) -> bool:
@@ -53,9 +70,13 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return head.base_layer if isinstance(head, AdaptedLayer) else head
 
 
-def find_targets(model: nn.Module, targets: Any, exclude: Any = None) -> list[str]:
-    """Paths of the modules `targets` selects, minus `exclude`; a clear error when none match."""
-    modules = candidate_modules(model)
+def find_targets(model: nn.Module, targets: Any, exclude: Any = None,
+                 modules: dict[str, nn.Module] | None = None) -> list[str]:
+    """Paths of the modules `targets` selects, minus `exclude`; a clear error when none match.
+
+    `modules`: `candidate_modules(model)` when the caller has it already.
+    """
+    modules = candidate_modules(model) if modules is None else modules
     if targets == "all-linear":
         head = output_head(model)
         chosen = [p for p, m in modules.items() if layer_kind(m) in (LINEAR, GPT2_CONV1D) and m is not head]

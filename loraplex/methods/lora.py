@@ -67,7 +67,7 @@ _values_from_file: contextvars.ContextVar[bool] = contextvars.ContextVar("lorapl
 
 @contextlib.contextmanager
 def values_from_file() -> Iterator[None]:
-    """Plain LoRA adapters built inside this block start at zero instead of drawing random values.
+    """Plain LoRA adapters built inside this block start uninitialised instead of drawing random values.
 
     Only for callers that overwrite every factor right after (loading a file): drawing ~10^6 random
     numbers per adapter is the slowest part of building one.
@@ -120,9 +120,10 @@ class LoraAdapter(Adapter):
             a_shape, b_shape, fan_in = (r, d_in), (d_out, r), d_in
         init = config.init
         if _values_from_file.get() and type(self) is LoraAdapter:
-            # `loraplex.load` overwrites both factors from the file right away: skip the random draws
-            a = torch.zeros(a_shape, dtype=dtype, device=device)
-            b = torch.zeros(b_shape, dtype=dtype, device=device)
+            # `loraplex.load` overwrites both factors from the file right away (or drops the adapter
+            # on a bad file): skip the random draws and the zero fill
+            a = torch.empty(a_shape, dtype=dtype, device=device)
+            b = torch.empty(b_shape, dtype=dtype, device=device)
         elif kind == EMBEDDING:
             # PEFT: A = 0, B ~ N(0, 1) so that B A = 0 but gradients reach A.
             a = torch.zeros(a_shape, dtype=dtype, device=device)
