@@ -5,36 +5,27 @@ with A, B, m_out (d_out) and m_in (d_in) trainable, m_out = ‖W‖_row and m_in
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import randomize
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 12, seed)
 
 
 def config(**kw) -> LoraConfig:
@@ -50,15 +41,6 @@ def perturb(model, seed: int = 1) -> None:
                 p.mul_(0.5 + torch.rand(p.shape, generator=g))
             else:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-def x_in(seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 10, generator=torch.Generator().manual_seed(seed))
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def adapted(layer: AdaptedLayer, name: str) -> torch.Tensor:
@@ -92,10 +74,7 @@ def test_initialisation_is_the_identity_with_the_base_norms():
         torch.testing.assert_close(a.magnitude_out.detach(), w.norm(dim=1))
         torch.testing.assert_close(a.magnitude_in.detach(), w.norm(dim=0))
         assert torch.count_nonzero(a.lora_B) == 0
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=1e-6, atol=1e-6)
+    check_starts_as_base(model, x_in(), rtol=1e-6, atol=1e-6)
 
 
 def test_trainable_parameters_are_lora_plus_both_magnitudes():
@@ -112,22 +91,13 @@ def test_trainable_parameters_are_lora_plus_both_magnitudes():
 def test_merge_unmerge_restores_the_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_two_merged_adapters_are_each_computed_from_the_bare_base():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=7)
+    perturb_both(model, seed_b=7, using=perturb)
     model.set_active(["a", "b"], [1.0, 0.5])
     x = x_in()
     together = model(x)
@@ -140,12 +110,7 @@ def test_two_merged_adapters_are_each_computed_from_the_bare_base():
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BORA"
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    check_save_load(model, net, x_in(), tmp_path, peft_type="BORA", rtol=0, atol=0)
 
 
 def test_no_plain_lora_form(tmp_path):
@@ -157,13 +122,8 @@ def test_no_plain_lora_form(tmp_path):
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, using=perturb)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_say_what_is_allowed():

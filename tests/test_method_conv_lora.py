@@ -9,17 +9,21 @@ Reference, in float64 from the adapter's raw tensors, image by image:
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    perturb,
+    perturb_both,
+    two_layer_net,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 from loraplex.methods.conv_lora import ConvLoraAdapter
@@ -27,20 +31,9 @@ from loraplex.methods.conv_lora import ConvLoraAdapter
 EXPERTS = 3
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(6, 8)
-        self.gpt2 = Conv1D(10, 8)
-        self.head = nn.Linear(10, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+def net(seed: int = 0) -> TwoLayerNet:
+    """A Linear (6 -> 8) and a GPT-2 Conv1D (8 -> 10), adapted, then a plain head."""
+    return two_layer_net(6, 8, 10, seed)
 
 
 def config(**options) -> LoraConfig:
@@ -48,18 +41,10 @@ def config(**options) -> LoraConfig:
                       options={"experts": EXPERTS, **options})
 
 
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
 def reference(layer: AdaptedLayer, x: torch.Tensor, skip: int = 0, grid: tuple[int, int] | None = None):
     a = layer.adapters["default"]
     t = {n: p.detach().double() for n, p in a.named_parameters()}
-    w = layer.base_layer.weight.detach().double()
-    w = w.t() if isinstance(layer.base_layer, Conv1D) else w
+    w = base_weight(layer)
     xd = x.double()
     h = xd @ t["lora_A"].t()
     four_d = h.dim() == 4
@@ -95,7 +80,7 @@ def x_tokens(*shape, seed: int = 2) -> torch.Tensor:
 ])
 def test_output_matches_paper_equation(shape, options, grid):
     model = attach(net(), config(**options)).eval()
-    perturb(model, seed=3)
+    perturb(model, seed=3, fan_in=True)
     seen = set()
     for path, layer in model.adapted_layers().items():
         x = x_tokens(*shape[:-1], layer.spec.in_features)
@@ -114,10 +99,7 @@ def test_trainable_parameters_match_the_formula():
 
 def test_starts_as_the_identity():
     model = attach(net(), config()).eval()
-    x = x_tokens(2, 9, 6)
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)     # B = 0
+    check_starts_as_base(model, x_tokens(2, 9, 6), rtol=0, atol=0)     # B = 0
 
 
 def test_merge_is_refused_with_a_clear_error():
@@ -131,26 +113,17 @@ def test_merge_is_refused_with_a_clear_error():
 
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config(skip_tokens=1)).eval()
-    perturb(model)
-    x = x_tokens(3, 17, 6)
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "CONV_LORA"
-    loaded = loraplex.load(net(), tmp_path).eval()
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, fan_in=True)
+    check_save_load(model, net, x_tokens(3, 17, 6), tmp_path, peft_type="CONV_LORA", rtol=0, atol=0,
+                    eval_loaded=True)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", LoraConfig(method="conv-lora", r=3, targets=["lin", "gpt2"], options={"experts": 2}))
     model.eval()
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_tokens(5, 9, 6)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)
+    check_mixed_batch(model, x_tokens(5, 9, 6), rtol=1e-5, atol=1e-6)
 
 
 def test_gate_learns_through_the_load_balancing_loss():

@@ -7,36 +7,31 @@ with B = U_r, A = Σ_r V_rᵀ frozen from the SVD of W and R, m trainable (m sta
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from conftest import tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_gpt2_gradients,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    must_not_run,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 6), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(6, 8)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 6, seed)
 
 
 def config(**kw) -> LoraConfig:
@@ -54,25 +49,12 @@ def perturb(model, seed: int = 1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
 
 
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
-
-
 def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     a = layer.adapters[name]
     w, b = base_weight(layer), layer.base_layer.bias.detach().double()
     v = w + (a.alpha / a.r) * a.lora_B.double() @ a.lora_R.detach().double() @ a.lora_A.double()
     m = a.magnitude.detach().double()
     return (x.double() @ v.t()) * (m / v.norm(dim=1)) + b
-
-
-def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the SVD of W ran while loading saved tensors")
 
 
 def test_output_matches_paper_equation():
@@ -96,10 +78,7 @@ def test_initialisation_svd_pair_and_magnitude():
         torch.testing.assert_close(a.magnitude.detach().double(), v.norm(dim=1), rtol=1e-6, atol=1e-6)
         assert a.lora_R.abs().max() < 1e-3
     zeros = attach(net(), config(init="zeros"))       # R = 0: exactly the base model
-    x = x_in(10)
-    with zeros.disabled():
-        base = zeros(x)
-    torch.testing.assert_close(zeros(x), base, rtol=1e-6, atol=1e-6)
+    check_starts_as_base(zeros, x_in(10), rtol=1e-6, atol=1e-6)
 
 
 def test_trainable_parameters_are_r_squared_plus_d_out_per_layer():
@@ -114,14 +93,7 @@ def test_trainable_parameters_are_r_squared_plus_d_out_per_layer():
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in(10)
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(10), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_merge_together_with_a_lora_adapter_uses_the_bare_base_weight():
@@ -140,13 +112,9 @@ def test_merge_together_with_a_lora_adapter_uses_the_bare_base_weight():
 def test_save_and_load_round_trip(tmp_path, monkeypatch):
     model = attach(net(), config())
     perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "EDORA"
-    monkeypatch.setattr("loraplex.methods.edora.xs_factors", _must_not_run)  # loading recomputes no decomposition
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    # loading recomputes no decomposition
+    monkeypatch.setattr("loraplex.methods.edora.xs_factors", must_not_run("the SVD of W"))
+    check_save_load(model, net, x_in(10), tmp_path, peft_type="EDORA", rtol=0, atol=0)
 
 
 def test_no_plain_lora_form(tmp_path):
@@ -158,22 +126,13 @@ def test_no_plain_lora_form(tmp_path):
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(10, rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, using=perturb)
+    check_mixed_batch(model, x_in(10, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_gradients_reach_r_and_magnitude_only():
     model = attach(tiny_gpt2(), LoraConfig(method="edora", r=4, alpha=4.0, targets=["c_attn", "c_fc"]))
-    ids = hf_ids()
-    model(input_ids=ids, labels=ids).loss.backward()
-    params = model.named_trainable_parameters()
-    assert len(params) == 8 and all(p.grad is not None for p in params.values())
-    assert model.trainable_parameter_count() == 2 * (16 + 48) + 2 * (16 + 32)
+    check_gpt2_gradients(model, tensors=8, count=2 * (16 + 48) + 2 * (16 + 32))
 
 
 def test_dropout_in_training_uses_one_mask_for_w_x_and_the_update():

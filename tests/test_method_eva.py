@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 from conftest import hf_ids, tiny_llama
+from method_checks import check_merge_unmerge, check_mixed_batch, randomize_adapters
 from torch import nn
 
 import loraplex
@@ -32,14 +33,6 @@ def batches(n: int = 2, batch: int = 3, seq: int = 10) -> list[dict]:
         mask[0, -2:] = 0
         out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
     return out
-
-
-def randomize_adapters(model, seed: int = 0, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def pca(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,25 +154,8 @@ def test_merge_unmerge_and_mixed_batch():
     randomize_adapters(pm)
     x = hf_ids(batch=5)
     pm.set_active("a")
-    unmerged = pm(x).logits
-    before = {k: v.clone() for k, v in pm.state_dict().items() if "base_layer.weight" in k}
-    pm.merge()
-    torch.testing.assert_close(pm(x).logits, unmerged, rtol=1e-5, atol=1e-5)
-    pm.unmerge()
-    for k, v in before.items():
-        torch.testing.assert_close(pm.state_dict()[k], v, rtol=0, atol=1e-6)
-    ids = ["a", "b", None, "b", "a"]
-    with torch.no_grad():
-        mixed = pm(x, adapter_ids=ids).logits
-        alone = []
-        for i, name in enumerate(ids):
-            if name is None:
-                with pm.disabled():
-                    alone.append(pm(x[i:i + 1]).logits)
-            else:
-                pm.set_active(name)
-                alone.append(pm(x[i:i + 1]).logits)
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=2e-5, atol=2e-5)
+    check_merge_unmerge(pm, x, rtol=1e-5, atol=1e-5, restore_atol=1e-6, only="base_layer.weight", logits=True)
+    check_mixed_batch(pm, x, rtol=2e-5, atol=2e-5, logits=True, no_grad=True)
 
 
 def test_calibration_is_deterministic_and_logged(caplog):

@@ -8,47 +8,37 @@ Reference, in float64 from the adapter's coefficients, the inverse 2-D DFT writt
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 
 import peft
 import pytest
 import torch
-from conftest import HF_VOCAB, hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import HF_VOCAB, hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_peft_round_trip,
+    check_save_load,
+    check_starts_as_base,
+    linear_reference,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
-from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(6, 8)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+def net(seed: int = 0) -> TwoLayerNet:
+    """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 6), adapted, then a plain head."""
+    return two_layer_net(10, 8, 6, seed)
 
 
 def config(**options) -> LoraConfig:
     return LoraConfig(method="fourierft", targets=["lin", "gpt2"],
                       options={"n_frequency": 12, "scaling": 20.0, **options})
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference_delta(d_out: int, d_in: int, coefficients: torch.Tensor, scaling: float, seed: int) -> torch.Tensor:
@@ -62,10 +52,6 @@ def reference_delta(d_out: int, d_in: int, coefficients: torch.Tensor, scaling: 
     return scaling * delta / (d_out * d_in)
 
 
-def x_in(d: int = 10, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("seed", [777, 5])
 def test_output_matches_paper_equation(seed):
     model = attach(net(), config(random_loc_seed=seed)).eval()      # coefficients ~ N(0, 1) by default
@@ -75,7 +61,7 @@ def test_output_matches_paper_equation(seed):
                                 20.0, seed)
         assert delta.abs().max() > 1e-2
         x = x_in(layer.spec.in_features)
-        ref = x.double() @ (base_weight(layer) + delta).t() + layer.base_layer.bias.detach().double()
+        ref = linear_reference(layer, x, base_weight(layer) + delta)
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=f"{seed} {path}")
 
 
@@ -94,43 +80,25 @@ def test_trainable_parameters_are_n_per_layer_and_frequencies_are_not_saved(tmp_
 def test_zeros_init_is_the_identity():
     model = attach(net(), LoraConfig(method="fourierft", targets=["lin", "gpt2"], init="zeros",
                                      options={"n_frequency": 12})).eval()
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(), rtol=0, atol=0)
 
 
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config()).eval()
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config(random_loc_seed=3)).eval()
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "FOURIERFT" and data["random_loc_seed"] == 3 and data["n_frequency"] == 12
-    loaded = loraplex.load(net(), tmp_path).eval()
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    _, data = check_save_load(model, net, x_in(), tmp_path, peft_type="FOURIERFT", rtol=0, atol=0, eval_loaded=True)
+    assert data["random_loc_seed"] == 3 and data["n_frequency"] == 12
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(n_frequency=7, random_loc_seed=1))
     model.eval()
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- PEFT parity (GPT-2 Conv1D)
@@ -145,14 +113,8 @@ def test_peft_file_loads_in_loraplex_and_back(tmp_path):
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(tiny_gpt2(), peft.FourierFTConfig(
             n_frequency=30, scaling=40.0, random_loc_seed=11, target_modules=["c_attn", "c_fc"])).eval()
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(tmp_path / "peft")
-        ours = loraplex.load(tiny_gpt2(), tmp_path / "peft").eval()
-        assert (expected - logits(tiny_gpt2(), ids)).abs().max() > 1e-2
-        torch.testing.assert_close(logits(ours, ids), expected, rtol=1e-5, atol=1e-5)
-        ours.save(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
-        torch.testing.assert_close(logits(back, ids), expected, rtol=1e-5, atol=1e-5)
+        check_peft_round_trip(theirs, tiny_gpt2, lambda model: logits(model, ids), tmp_path, rtol=1e-5, atol=1e-5,
+                              changed=1e-2)
 
 
 def test_loraplex_file_loads_in_peft_and_merges_alike(tmp_path):

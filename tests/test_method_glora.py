@@ -6,14 +6,22 @@ Hugging Face PEFT's GLoRA (peft_type "GLORA") both ways.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import randomize
-from method_checks import assert_rows_match_alone
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    perturb,
+    perturb_both,
+    seeded_model,
+    two_layer_net,
+    x_in,
+)
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loraplex
 from loraplex import LoraConfig, attach
@@ -23,22 +31,9 @@ STRUCTURES = [("lora", "lora", "constant"), ("vector", "vector", "vector"), ("co
               ("none", "lora", "vector")]
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 12, seed)
 
 
 class Plain(nn.Module):
@@ -55,8 +50,7 @@ class Plain(nn.Module):
 
 
 def plain(seed: int = 0) -> Plain:
-    torch.manual_seed(seed)
-    return randomize(Plain()).eval()
+    return seeded_model(Plain, seed)
 
 
 def structure(ab: str, c: str, de: str) -> dict:
@@ -65,23 +59,6 @@ def structure(ab: str, c: str, de: str) -> dict:
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "glora", "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    """O(1) random values in every trainable tensor (X_d, vectors and scalars start at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-def x_in(seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 10, generator=torch.Generator().manual_seed(seed))
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def part(p) -> torch.Tensor | float:
@@ -120,7 +97,7 @@ def expected_count(ab: str, c: str, de: str, d_in: int, d_out: int, bias: bool, 
 def test_output_matches_paper_equation(parts):
     for make in (net, plain):
         model = attach(make(), config(options=structure(*parts), targets=["lin", "gpt2", "nob"]))
-        perturb(model)
+        perturb(model, std=0.5)
         for path, layer in model.adapted_layers().items():
             x = torch.randn(4, layer.spec.in_features)
             torch.testing.assert_close(layer(x).double(), reference(layer, "default", x), rtol=1e-5, atol=1e-5,
@@ -138,10 +115,7 @@ def test_default_structure_and_identity_at_init():
     model = attach(net(), config())
     a = model.model.lin.adapters["default"]
     assert (a.glora_A.kind, a.glora_C.kind, a.glora_D.kind) == ("lora", "lora", "constant")
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(), rtol=0, atol=0)
     assert model.trainable_parameter_count() == expected_count("lora", "lora", "constant", 10, 8, True) \
         + expected_count("lora", "lora", "constant", 8, 12, True)
 
@@ -149,43 +123,22 @@ def test_default_structure_and_identity_at_init():
 @pytest.mark.parametrize("parts", STRUCTURES[:2])
 def test_merge_unmerge_restores_weight_and_bias_and_merged_equals_unmerged(parts):
     model = attach(net(), config(options=structure(*parts)))
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, std=0.5)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_two_merged_adapters_are_each_computed_from_the_bare_base():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2, options=structure("vector", "vector", "vector")))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=7)
+    perturb_both(model, seed_b=7, std=0.5)
     model.set_active(["a", "b"], [1.0, 0.5])
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    together = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), together, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config(options=structure("vector", "lora", "vector")))
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "GLORA"
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, std=0.5)
+    check_save_load(model, net, x_in(), tmp_path, peft_type="GLORA", rtol=0, atol=0)
 
 
 def test_no_plain_lora_form(tmp_path):
@@ -196,13 +149,8 @@ def test_no_plain_lora_form(tmp_path):
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2, options=structure("constant", "vector", "vector")))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, std=0.5)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- parity with PEFT
@@ -229,7 +177,7 @@ def test_ours_loads_in_peft_with_identical_outputs(tmp_path, parts):
     from peft import PeftModel
 
     model = attach(plain(), config(options=structure(*parts), targets=["lin", "nob"]))
-    perturb(model)
+    perturb(model, std=0.5)
     x = x_in()
     expected = model(x)
     model.save(tmp_path)

@@ -7,12 +7,12 @@ PEFT 0.21 has no GOAT, so there is no parity test; files say peft_type "GOAT" an
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 from conftest import assert_same_snapshot, hf_ids, snapshot, tiny_llama
+from method_checks import check_mixed_batch, check_save_load, out_in, randomize_adapters
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -37,17 +37,9 @@ class Mlp(nn.Module):
         return self.conv(torch.tanh(self.lin(x)))
 
 
-def out_in(module) -> torch.Tensor:
-    w = module.weight.detach().double()
-    return w.t() if isinstance(module, Conv1D) else w
-
-
-def randomize(model, seed: int = 0, std: float = 0.5) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+def randomize(model) -> None:
+    """Move every lora_* tensor (experts and router) away from its init."""
+    randomize_adapters(model, std=0.5, names=("lora_",))
 
 
 def reference_layer(x, w_res, bias, a, b, router, scale, experts, top_k):
@@ -160,12 +152,10 @@ def test_save_load_round_trip_is_identical(tmp_path):
     pm = loraplex.attach(tiny_llama(), config)
     randomize(pm)
     pm.eval()
-    expected = pm(x).logits
-    pm.save(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "GOAT" and data["num_experts"] == 2 and data["top_k"] == 1
-    loaded = loraplex.load(tiny_llama(), tmp_path).eval()   # new adapters start in training mode (dropout)
-    torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-6)
+    # eval_loaded: new adapters start in training mode (dropout)
+    _, data = check_save_load(pm, tiny_llama, x, tmp_path, peft_type="GOAT", rtol=0, atol=1e-6, eval_loaded=True,
+                              logits=True)
+    assert data["num_experts"] == 2 and data["top_k"] == 1
     # the GOAT fields alone (no "loraplex" key) give back the same config
     data.pop("loraplex")
     again = config_from_peft(data, "adapter_config.json")
@@ -179,18 +169,7 @@ def test_mixed_batch_equals_each_row_alone():
     pm.add_adapter("b", LoraConfig(method="goat", r=4, targets=["up_proj"], options={"experts": 4}))
     randomize(pm)
     ids = ["a", "b", None, "a", "b"]
-    x = hf_ids(batch=len(ids))
-    with torch.no_grad():
-        mixed = pm(x, adapter_ids=ids).logits
-        alone = []
-        for i, name in enumerate(ids):
-            if name is None:
-                with pm.disabled():
-                    alone.append(pm(x[i:i + 1]).logits)
-            else:
-                pm.set_active(name)
-                alone.append(pm(x[i:i + 1]).logits)
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=2e-5, atol=2e-5)
+    check_mixed_batch(pm, hf_ids(batch=len(ids)), ids, rtol=2e-5, atol=2e-5, logits=True, no_grad=True)
 
 
 @pytest.mark.parametrize("r, options, message", [

@@ -8,36 +8,29 @@ the only trainable tensors.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_gpt2_gradients,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    must_not_run,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A wide Linear (10 -> 8) and a tall GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 12, seed)
 
 
 def config(**kw) -> LoraConfig:
@@ -50,11 +43,6 @@ def perturb(model, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.mul_(1 + 0.5 * torch.randn(p.shape, generator=g))
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def ldu(w: torch.Tensor):
@@ -91,14 +79,6 @@ def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ adapted.t() + b
 
 
-def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the LU of W ran while loading saved tensors")
-
-
 def test_output_matches_paper_equation():
     model = attach(net(), config())
     perturb(model)
@@ -120,10 +100,7 @@ def test_initialisation_is_the_ldu_decomposition_and_the_identity():
         torch.testing.assert_close(a.loldu_diag0.double(), d[:3], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.loldu_diag.detach(), a.loldu_diag0, rtol=0, atol=0)
         assert a.loldu_scale.item() == a.loldu_scale0.item() == 2.0
-    x = x_in(10)
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(10), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("train_scale", "per_layer"), [(True, 4), (False, 3)])
@@ -159,46 +136,29 @@ def test_the_base_weight_is_never_rewritten_and_merge_unmerge_restores_it():
 def test_save_and_load_round_trip(tmp_path, monkeypatch):
     model = attach(net(), config())
     perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LOLDU"
-    monkeypatch.setattr("loraplex.methods.loldu.ldu_factors", _must_not_run)  # loading recomputes no decomposition
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    # loading recomputes no decomposition
+    monkeypatch.setattr("loraplex.methods.loldu.ldu_factors", must_not_run("the LU of W"))
+    check_save_load(model, net, x_in(10), tmp_path, peft_type="LOLDU", rtol=0, atol=0)
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 3
-    plain = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    _, data = check_save_load(model, net, x_in(10), tmp_path, as_lora=True, peft_type="LORA",
+                              rtol=1e-5, atol=1e-5)
+    assert data["r"] == 3
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(10, rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, using=perturb)
+    check_mixed_batch(model, x_in(10, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_gradients_reach_the_diagonal_and_scale():
     model = attach(tiny_gpt2(), LoraConfig(method="loldu", r=4, alpha=4.0, targets=["c_attn", "attn.c_proj"]))
-    ids = hf_ids()
-    model(input_ids=ids, labels=ids).loss.backward()
-    params = model.named_trainable_parameters()
-    assert len(params) == 8 and all(p.grad is not None for p in params.values())
-    assert model.trainable_parameter_count() == 4 * (4 + 1)
+    check_gpt2_gradients(model, tensors=8, count=4 * (4 + 1))
 
 
 def test_bad_options_say_what_is_allowed():

@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 from conftest import hf_ids, tiny_gpt2, tiny_llama
+from method_checks import check_merge_unmerge, check_mixed_batch, check_save_load, randomize_adapters
 from safetensors.torch import load_file
 
 import loraplex
@@ -37,14 +38,6 @@ def batches(n: int = 3, batch: int = 2, seq: int = 7) -> list[dict]:
         labels[:, :3] = -100
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
-
-
-def randomize_adapters(model, seed: int = 0, std: float = 0.3) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=g) * std)
 
 
 def reference_gradients(model, data, paths) -> dict[str, torch.Tensor]:
@@ -136,13 +129,7 @@ def test_merge_unmerge_and_delete_restore_the_weights():
     x = hf_ids()
     pm = loraplex.attach(base, LoraConfig(method="lora-ga", r=2, alpha=4), calibration_data=batches())
     randomize_adapters(pm)
-    residual = {k: v.clone() for k, v in pm.model.state_dict().items() if "base_layer.weight" in k}
-    unmerged = pm(x).logits
-    pm.merge()
-    torch.testing.assert_close(pm(x).logits, unmerged, rtol=1e-5, atol=1e-5)
-    pm.unmerge()
-    for k, v in residual.items():
-        torch.testing.assert_close(pm.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    check_merge_unmerge(pm, x, rtol=1e-5, atol=1e-5, restore_atol=1e-6, only="base_layer.weight", logits=True)
     pm.delete_adapter("default")
     for k, v in original.items():
         torch.testing.assert_close(base.state_dict()[k], v, rtol=0, atol=1e-6)
@@ -152,12 +139,10 @@ def test_save_load_round_trip_keeps_the_initial_factors(tmp_path):
     x = hf_ids()
     pm = loraplex.attach(tiny_llama(), LoraConfig(method="lora-ga", r=2, alpha=4), calibration_data=batches())
     randomize_adapters(pm)
-    expected = pm(x).logits
-    pm.save(tmp_path)
+    # loaded on tiny_llama() without calibration: W_res comes from the saved A₀, B₀
+    check_save_load(pm, tiny_llama, x, tmp_path, rtol=0, atol=1e-6, logits=True)
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_ga_A0" in keys
-    loaded = loraplex.load(tiny_llama(), tmp_path)   # no calibration: W_res comes from the saved A₀, B₀
-    torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-6)
 
 
 def test_mixed_batch_equals_each_row_alone():
@@ -167,18 +152,7 @@ def test_mixed_batch_equals_each_row_alone():
     pm.add_adapter("b", LoraConfig(method="lora-ga", r=2, alpha=2, targets=["up_proj"]), calibration_data=data)
     randomize_adapters(pm)
     ids = ["b", None, "a", "a", "b"]
-    x = hf_ids(batch=len(ids))
-    with torch.no_grad():
-        mixed = pm(x, adapter_ids=ids).logits
-        alone = []
-        for i, name in enumerate(ids):
-            if name is None:
-                with pm.disabled():
-                    alone.append(pm(x[i:i + 1]).logits)
-            else:
-                pm.set_active(name)
-                alone.append(pm(x[i:i + 1]).logits)
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=2e-5, atol=2e-5)
+    check_mixed_batch(pm, hf_ids(batch=len(ids)), ids, rtol=2e-5, atol=2e-5, logits=True, no_grad=True)
 
 
 def test_bad_options_and_batches_say_what_is_allowed():

@@ -9,57 +9,40 @@ References are written here from the papers, in float64, from the adapter's raw 
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import HF_VOCAB, hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    calibration_batches,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    mean_weight_gradients,
+    must_not_run,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 METHODS = ("lora-xs", "lora-sb")
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 6), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(6, 8)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 6, seed)
 
 
 def config(method: str, **kw) -> LoraConfig:
     return LoraConfig(**{"method": method, "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    """Give every trainable tensor O(1) random values, so the adapter is far from the identity."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -71,18 +54,10 @@ def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return xd @ w.t() + b + s * ((xd @ big_a.t()) @ big_r.t()) @ big_b.t()
 
 
-def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the SVD of W ran while loading saved tensors")
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_output_matches_paper_equation(method):
     model = attach(net(), config(method))
-    perturb(model)
+    perturb(model, fan_in=True)
     for path, layer in model.adapted_layers().items():
         x = x_in(layer.spec.in_features)
         torch.testing.assert_close(layer(x).double(), reference(layer, "default", x), rtol=1e-5, atol=1e-5,
@@ -101,10 +76,7 @@ def test_lora_xs_frozen_pair_is_the_truncated_svd_of_w():
         torch.testing.assert_close(big_b.t() @ big_b, torch.eye(3, dtype=torch.float64), rtol=0, atol=1e-5)
         torch.testing.assert_close(big_a.norm(dim=1), s[:3], rtol=1e-5, atol=1e-6)  # A = Σ_r V_rᵀ
         assert a.lora_R.abs().max() < 1e-3                                         # R ~ N(0, 1e-10)
-    ids = x_in(10)
-    with model.disabled():
-        base = model(ids)
-    torch.testing.assert_close(model(ids), base, rtol=0, atol=1e-3)              # nearly the identity
+    check_starts_as_base(model, x_in(10), rtol=0, atol=1e-3)                      # nearly the identity
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -123,58 +95,39 @@ def test_trainable_parameters_are_r_squared_per_layer_and_factors_are_buffers(me
 @pytest.mark.parametrize("method", METHODS)
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged(method):
     model = attach(net(), config(method))
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    perturb(model, fan_in=True)
     x = x_in(10)
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    unmerged = check_merge_unmerge(model, x, rtol=1e-5, atol=1e-5, restore_atol=1e-6)
     torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_save_and_load_round_trip(method, tmp_path, monkeypatch):
     model = attach(net(), config(method))
-    perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    perturb(model, fan_in=True)
+    # loading recomputes no decomposition
+    monkeypatch.setattr("loraplex.methods.lora_xs.xs_factors", must_not_run("the SVD of W"))
+    loaded, data = check_save_load(model, net, x_in(10), tmp_path, rtol=0, atol=0)
     assert data["peft_type"] == {"lora-xs": "LORA_XS", "lora-sb": "LORA_SB"}[method]  # PEFT refuses, not misreads
-    monkeypatch.setattr("loraplex.methods.lora_xs.xs_factors", _must_not_run)  # loading recomputes no decomposition
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     assert loaded.trainable_parameter_count() == model.trainable_parameter_count()
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_save_as_plain_lora_loads_on_the_unmodified_base(method, tmp_path):
     model = attach(net(), config(method))
-    perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 3
-    plain = loraplex.load(net(), tmp_path)
+    perturb(model, fan_in=True)
+    plain, data = check_save_load(model, net, x_in(10), tmp_path, as_lora=True, peft_type="LORA",
+                                  rtol=1e-5, atol=1e-5)
+    assert data["r"] == 3
     assert {type(a).method for layer in plain.adapted_layers().values() for a in layer.adapters.values()} == {"lora"}
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_mixed_batch_equals_each_row_alone(method):
     model = attach(net(), config(method), "a")
     model.add_adapter("b", config(method, r=2))
-    perturb(model)                      # only "a" is active, hence trainable
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(10, rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)      # each while active, hence trainable
+    check_mixed_batch(model, x_in(10, rows=5), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -213,31 +166,6 @@ def test_bad_init_and_rank_say_what_is_allowed():
 
 
 # --------------------------------------------------------------------------- LoRA-SB's initialisation
-def calibration_batches(n: int = 3) -> list[dict]:
-    out = []
-    for i in range(n):
-        ids = hf_ids(batch=2, seq=6, seed=10 + i)
-        labels = ids.clone()
-        labels[:, :2] = -100                     # prompt positions are not supervised
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
-
-
-def reference_gradients(model: nn.Module, batches: list[dict], paths: list[str]) -> dict[str, torch.Tensor]:
-    """Mean over batches of ∂L/∂W on an untouched copy of the base model, (d_out, d_in) layout."""
-    weights = [model.get_submodule(p).weight for p in paths]
-    for w in weights:
-        w.requires_grad_(True)
-    sums = [torch.zeros_like(w) for w in weights]
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, HF_VOCAB), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
-        for total, g in zip(sums, torch.autograd.grad(loss, weights)):
-            total += g
-    return {p: (s / len(batches)).t().double() for p, s in zip(paths, sums)}  # GPT-2 Conv1D: (in, out)
-
-
 @pytest.mark.parametrize("update", ["gradient", "sign"])
 def test_lora_sb_calibration_is_the_best_rank_r_approximation_of_the_first_update(update, caplog):
     base = tiny_gpt2()
@@ -250,7 +178,7 @@ def test_lora_sb_calibration_is_the_best_rank_r_approximation_of_the_first_updat
     with caplog.at_level(logging.INFO, logger="loraplex"):
         model = attach(base, cfg, calibration_data=batches)
     assert any("lora-sb" in r.message and "calibration batches" in r.message for r in caplog.records)
-    grads = reference_gradients(reference_model, batches, paths)
+    grads = mean_weight_gradients(reference_model, batches, paths)
     for path in paths:
         a = model.adapted_layers()[path].adapters["default"]
         first = -lr * (torch.sign(grads[path]) if update == "sign" else grads[path])
@@ -290,7 +218,4 @@ def test_lora_sb_calibration_is_deterministic_and_starts_at_the_first_update():
 
 def test_lora_sb_without_calibration_is_the_identity():
     model = attach(net(), config("lora-sb"))
-    x = x_in(10)
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(10), rtol=0, atol=0)

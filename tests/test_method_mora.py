@@ -10,56 +10,38 @@ The reference builds ΔW from explicit 0/1 and rotation matrices, in float64, fr
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    linear_reference,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
-from loraplex.core.layers import AdaptedLayer
 
 TYPES = ("sharing", "rope")
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """Linear 10 -> 7 (outputs cut), GPT-2 Conv1D 7 -> 16 (outputs repeated), then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 7)
-        self.gpt2 = Conv1D(16, 7)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 7, 16, seed)
 
 
 def config(mora_type: str = "sharing", **kw) -> LoraConfig:
     return LoraConfig(**{"method": "mora", "r": 2, "targets": ["lin", "gpt2"], "rank_pattern": {"gpt2": 1},
                          "options": {"mora_type": mora_type}, **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference_delta_weight(d_in: int, d_out: int, m: torch.Tensor, mora_type: str) -> torch.Tensor:
@@ -93,20 +75,16 @@ def reference_delta_weight(d_in: int, d_out: int, m: torch.Tensor, mora_type: st
     return o @ blocks @ e
 
 
-def x_in(d: int = 10, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("mora_type", TYPES)
 def test_output_matches_paper_equation(mora_type):
     model = attach(net(), config(mora_type)).eval()
-    perturb(model)
+    perturb(model, fan_in=True)
     for path, layer in model.adapted_layers().items():
         a = layer.adapters["default"]
         delta = reference_delta_weight(layer.spec.in_features, layer.spec.out_features, a.mora_M.detach().double(),
                                        mora_type)
         x = x_in(layer.spec.in_features)
-        ref = x.double() @ (base_weight(layer) + delta).t() + layer.base_layer.bias.detach().double()
+        ref = linear_reference(layer, x, base_weight(layer) + delta)
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=f"{mora_type} {path}")
         torch.testing.assert_close(a.delta_weight(layer.spec).double(), delta, rtol=1e-5, atol=1e-6)
 
@@ -126,11 +104,8 @@ def test_square_size_and_trainable_parameters(mora_type):
 
 def test_starts_as_the_identity_and_reaches_high_rank():
     model = attach(net(), config()).eval()
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)     # M = 0
-    perturb(model)
+    check_starts_as_base(model, x_in(), rtol=0, atol=0)     # M = 0
+    perturb(model, fan_in=True)
     layer = model.adapted_layers()["lin"]
     # rank of ΔW can exceed a LoRA's r = 2 with the same parameter budget
     assert torch.linalg.matrix_rank(layer.adapters["default"].delta_weight(layer.spec)) > 2
@@ -139,27 +114,15 @@ def test_starts_as_the_identity_and_reaches_high_rank():
 @pytest.mark.parametrize("mora_type", TYPES)
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged(mora_type):
     model = attach(net(), config(mora_type)).eval()
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, fan_in=True)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 @pytest.mark.parametrize("mora_type", TYPES)
 def test_save_and_load_round_trip(mora_type, tmp_path):
     model = attach(net(), config(mora_type)).eval()
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MORA"
-    loaded = loraplex.load(net(), tmp_path).eval()
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, fan_in=True)
+    loaded, _ = check_save_load(model, net, x_in(), tmp_path, peft_type="MORA", rtol=0, atol=0, eval_loaded=True)
     assert loaded.trainable_parameter_count() == model.trainable_parameter_count()
 
 
@@ -167,13 +130,8 @@ def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config("sharing"), "a")
     model.add_adapter("b", config("rope", r=3))
     model.eval()
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_trains_m():

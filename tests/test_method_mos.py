@@ -11,15 +11,22 @@ PEFT has no MoS, so there is no parity test; files are our own (peft_type "MOS")
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import hf_ids, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from conftest import tiny_gpt2
+from method_checks import (
+    BlockNet,
+    check_gpt2_trains_and_merges,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    make_net,
+    perturb,
+    reference_with_deltas,
+    x_seq,
+)
 from safetensors.torch import load_file
-from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loraplex
 from loraplex import LoraConfig, attach
@@ -30,61 +37,14 @@ OPTIONS = {"equivalent_rank": E, "private_rank": P, "shards": L_SHARDS}
 SHAPES = {"q": (8, 8), "up": (8, 16), "down": (16, 8)}   # name: (d_in, d_out)
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(8, 8)
-        self.up = nn.Linear(8, 16)
-        self.down = Conv1D(8, 16)
-
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(torch.tanh(self.q(x)))))
-
-
-class Net(nn.Module):
-    def __init__(self, blocks: int = BLOCKS) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(blocks)])
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.4)
-    return model.eval()
-
-
-def x_in(seed: int = 3, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 5, 8, generator=torch.Generator().manual_seed(seed))
+def net(seed: int = 0) -> BlockNet:
+    """BLOCKS blocks, each with Linear 8->8, Linear 8->16 and GPT-2 Conv1D 16->8 adapted."""
+    return make_net(seed, blocks=BLOCKS)
 
 
 def config(**kw) -> LoraConfig:
     options = {**OPTIONS, **kw.pop("options", {})}
     return LoraConfig(**{"method": "mos", "r": R, "alpha": 6.0, "targets": TARGETS, "options": options, **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / 2)
-
-
-def reference(base: nn.Module, x: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    ref = copy.deepcopy(base).double()
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            layer = ref.get_submodule(path)
-            layer.weight += delta.t() if isinstance(layer, Conv1D) else delta
-    return ref(x.double())
 
 
 def group_of(path: str) -> str:
@@ -113,15 +73,16 @@ def deltas_of(model, name: str = "default") -> dict[str, torch.Tensor]:
 def test_output_matches_paper_equation():
     base = net()
     model = attach(copy.deepcopy(base), config())
-    perturb(model)
-    x = x_in()
-    torch.testing.assert_close(model(x).double(), reference(base, x, deltas_of(model)), rtol=1e-5, atol=1e-5)
+    perturb(model, std=0.5)
+    x = x_seq()
+    ref = reference_with_deltas(base, x, deltas_of(model))
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_starts_as_identity_with_a_gradient():
     base = net()
     model = attach(copy.deepcopy(base), config())
-    x = x_in()
+    x = x_seq()
     out = model(x)
     torch.testing.assert_close(out, base(x), rtol=0, atol=0)   # P_B = 0
     out.square().sum().backward()
@@ -177,26 +138,14 @@ def test_trainable_parameters_are_a_rank_e_lora_and_pools_are_stored_once(tmp_pa
 
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, std=0.5)
+    check_merge_unmerge(model, x_seq(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config(options={"seed": 4}))
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOS"
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, std=0.5)
+    loaded, _ = check_save_load(model, net, x_seq(), tmp_path, peft_type="MOS", rtol=0, atol=0)
     for (a1, b1), (a2, b2) in zip(indices(model, "down"), indices(loaded, "down")):
         assert torch.equal(a1, a2) and torch.equal(b1, b2)
 
@@ -215,8 +164,8 @@ def test_load_refuses_indices_outside_the_pool(tmp_path):
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
-    perturb(model)
-    x = x_in()
+    perturb(model, std=0.5)
+    x = x_seq()
     expected = model(x)
     model.save(tmp_path, as_lora=True)
     # s is folded into B' before the products: fp32 rounding relative to the largest output (~20)
@@ -227,22 +176,14 @@ def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(init="random"), name="a")
     model.add_adapter("b", config(init="random", options={"seed": 2}))
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-6, atol=1e-6)
+    check_mixed_batch(model, x_seq(rows=5), rtol=1e-6, atol=1e-6)
 
 
 def test_gpt2_trains_and_merges():
     model = attach(tiny_gpt2(), LoraConfig(method="mos", r=2, targets=["c_attn", "c_proj", "c_fc"],
                                            options={"equivalent_rank": 1, "private_rank": 0}))
-    perturb(model)
-    ids = hf_ids()
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    assert all(p.grad is not None for p in model.trainable_parameters())
-    model.merge()
-    torch.testing.assert_close(model(ids).logits, out.logits.detach(), rtol=1e-4, atol=1e-4)
+    perturb(model, std=0.5)
+    check_gpt2_trains_and_merges(model, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kw", "message"), [

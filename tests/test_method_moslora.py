@@ -4,57 +4,32 @@ y = W x + b + s · B M A x, s = alpha / r, with A, M, B the only trainable tenso
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import randomize
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 12, seed)
 
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "moslora", "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    """O(1) random values in every trainable tensor (B starts at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-
-
-def x_in(seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 10, generator=torch.Generator().manual_seed(seed))
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +42,7 @@ def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
 
 def test_output_matches_paper_equation():
     model = attach(net(), config())
-    perturb(model)
+    perturb(model, std=0.5)
     for path, layer in model.adapted_layers().items():
         x = torch.randn(4, layer.spec.in_features)
         torch.testing.assert_close(layer(x).double(), reference(layer, "default", x), rtol=1e-5, atol=1e-5, msg=path)
@@ -80,10 +55,7 @@ def test_initialisation_is_the_identity_and_follows_the_reference_code():
         assert torch.count_nonzero(a.lora_B) == 0
         assert a.lora_A.abs().max() <= 1 / layer.spec.in_features ** 0.5
         assert a.lora_AB.abs().max() <= 1 / 3 ** 0.5 and torch.count_nonzero(a.lora_AB) == 9
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(), rtol=0, atol=0)
     eye = attach(net(), config(options={"mixer_init": "identity"}))
     assert torch.equal(eye.model.lin.adapters["default"].lora_AB, torch.eye(3))
     ortho = attach(net(), config(options={"mixer_init": "orthogonal"})).model.lin.adapters["default"].lora_AB
@@ -99,51 +71,29 @@ def test_trainable_parameters_are_r_times_din_plus_dout_plus_r_squared():
 
 def test_merge_unmerge_restores_the_base_and_merged_equals_unmerged():
     model = attach(net(), config())
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, std=0.5)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path):
     model = attach(net(), config())
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "MOSLORA"
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, std=0.5)
+    check_save_load(model, net, x_in(), tmp_path, peft_type="MOSLORA", rtol=0, atol=0)
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 3
-    plain = loraplex.load(net(), tmp_path)
+    perturb(model, std=0.5)
+    plain, data = check_save_load(model, net, x_in(), tmp_path, as_lora=True, peft_type="LORA", rtol=1e-5, atol=1e-5)
+    assert data["r"] == 3
     assert plain.configs["default"].method == "lora"
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, std=0.5)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_say_what_is_allowed():

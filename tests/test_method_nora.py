@@ -8,53 +8,36 @@ inner pair (r x r', r' x r) trainable, B_i = 0 at the start.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_gpt2_gradients,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    must_not_run,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 6), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(6, 8)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 6, seed)
 
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "nora", "r": 4, "alpha": 8.0, "targets": ["lin", "gpt2"],
                          "options": {"inner_r": 2}, **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -66,17 +49,9 @@ def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ (w + delta).t() + b
 
 
-def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the SVD of W ran while loading saved tensors")
-
-
 def test_output_matches_paper_equation():
     model = attach(net(), config())
-    perturb(model)
+    perturb(model, fan_in=True)
     for path, layer in model.adapted_layers().items():
         x = x_in(layer.spec.in_features)
         torch.testing.assert_close(layer(x).double(), reference(layer, "default", x), rtol=1e-5, atol=1e-5,
@@ -94,10 +69,7 @@ def test_outer_pair_is_the_truncated_svd_and_the_adapter_starts_as_the_identity(
                                    rtol=0, atol=1e-5)
         assert torch.count_nonzero(a.inner_B) == 0 and torch.count_nonzero(a.inner_A) > 0
         assert a.inner_A.abs().max() <= 1 / 4 ** 0.5                         # Kaiming-uniform, fan_in = r
-    x = x_in(10)
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(10), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("r", "inner", "expected"), [(4, 2, 2 * (2 * 4 * 2)), (4, None, 2 * (2 * 4 * 1)),
@@ -112,61 +84,37 @@ def test_trainable_parameters_are_two_r_r_inner_per_layer(r, inner, expected):
 
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in(10)
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, fan_in=True)
+    check_merge_unmerge(model, x_in(10), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path, monkeypatch):
     model = attach(net(), config())
-    perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "NORA"
-    monkeypatch.setattr("loraplex.methods.nora.truncated_svd", _must_not_run)  # loading recomputes no decomposition
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    perturb(model, fan_in=True)
+    # loading recomputes no decomposition
+    monkeypatch.setattr("loraplex.methods.nora.truncated_svd", must_not_run("the SVD of W"))
+    loaded, _ = check_save_load(model, net, x_in(10), tmp_path, peft_type="NORA", rtol=0, atol=0)
     assert loaded.adapted_layers()["lin"].adapters["default"].inner_r == 2
 
 
 def test_save_as_plain_lora_of_rank_inner_r_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
-    perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 2
-    plain = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    perturb(model, fan_in=True)
+    _, data = check_save_load(model, net, x_in(10), tmp_path, as_lora=True, peft_type="LORA",
+                              rtol=1e-5, atol=1e-5)
+    assert data["r"] == 2
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2, options={}))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(10, rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)
+    check_mixed_batch(model, x_in(10, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_gradients_reach_the_inner_pair_only():
     model = attach(tiny_gpt2(), LoraConfig(method="nora", r=8, alpha=8.0, targets=["c_attn"]))
-    ids = hf_ids()
-    model(input_ids=ids, labels=ids).loss.backward()
-    params = model.named_trainable_parameters()
-    assert len(params) == 4 and all(p.grad is not None for p in params.values())
-    assert model.trainable_parameter_count() == 2 * (2 * 8 * 2)
+    check_gpt2_gradients(model, tensors=4, count=2 * (2 * 8 * 2))
 
 
 @pytest.mark.parametrize(("options", "message"), [({"inner_r": 5}, "1 <= inner_r <= r=4"),

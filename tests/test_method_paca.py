@@ -7,34 +7,30 @@ input columns J replaced by s·P (s = alpha / r),
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    linear_reference,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
 import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(6, 8)
-        self.head = nn.Linear(6, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+def net(seed: int = 0) -> TwoLayerNet:
+    """A Linear (10 -> 8) and a GPT-2 Conv1D (8 -> 6), adapted, then a plain head."""
+    return two_layer_net(10, 8, 6, seed)
 
 
 def config(**kw) -> LoraConfig:
@@ -48,11 +44,6 @@ def perturb(model, seed: int = 1) -> None:
             p.add_(torch.randn(p.shape, generator=g))
 
 
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
-
-
 def effective_weight(layer: AdaptedLayer, name: str = "default") -> torch.Tensor:
     a = layer.adapters[name]
     w = base_weight(layer).clone()
@@ -61,16 +52,12 @@ def effective_weight(layer: AdaptedLayer, name: str = "default") -> torch.Tensor
     return w
 
 
-def x_in(d: int = 10, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
 def test_output_matches_paper_equation():
     model = attach(net(), config()).eval()
     perturb(model)
     for path, layer in model.adapted_layers().items():
         x = x_in(layer.spec.in_features)
-        ref = x.double() @ effective_weight(layer).t() + layer.base_layer.bias.detach().double()
+        ref = linear_reference(layer, x, effective_weight(layer))
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=path)
 
 
@@ -82,10 +69,7 @@ def test_columns_are_distinct_random_inputs_and_start_at_the_base_values():
         j = a.paca_indices
         assert len(j) == 3 and len(set(j.tolist())) == 3 and int(j.min()) >= 0 and int(j.max()) < layer.spec.in_features
         torch.testing.assert_close(a.paca_w.double() * 2.0, base_weight(layer)[:, j], rtol=0, atol=1e-6)  # s P = W_J
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=1e-6)
+    check_starts_as_base(model, x_in(), rtol=0, atol=1e-6)
     torch.manual_seed(7)
     again = attach(net(), config())
     assert all(torch.equal(again.adapted_layers()[p].adapters["default"].paca_indices,
@@ -101,54 +85,36 @@ def test_trainable_parameters_are_d_out_times_r():
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config()).eval()
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    for layer in model.adapted_layers().values():   # merged: the selected columns ARE s·P
-        torch.testing.assert_close(base_weight(layer), effective_weight(layer), rtol=0, atol=1e-6)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+
+    def columns_are_s_p() -> None:   # merged: the selected columns ARE s·P
+        for layer in model.adapted_layers().values():
+            torch.testing.assert_close(base_weight(layer), effective_weight(layer), rtol=0, atol=1e-6)
+
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6, while_merged=columns_are_s_p)
 
 
 def test_save_and_load_round_trip_keeps_the_columns(tmp_path):
     model = attach(net(), config()).eval()
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PACA"
     torch.manual_seed(123)                    # another RNG state: the columns come from the file
-    loaded = loraplex.load(net(), tmp_path).eval()
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    check_save_load(model, net, x_in(), tmp_path, peft_type="PACA", rtol=0, atol=0, eval_loaded=True)
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config()).eval()
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 3
-    plain = loraplex.load(net(), tmp_path).eval()
+    plain, data = check_save_load(model, net, x_in(), tmp_path, as_lora=True, peft_type="LORA", rtol=1e-5, atol=1e-5,
+                                  eval_loaded=True)
+    assert data["r"] == 3
     assert {type(a).method for layer in plain.adapted_layers().values() for a in layer.adapters.values()} == {"lora"}
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
     model.eval()
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, using=perturb)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_gradient_is_the_gradient_of_the_selected_columns():

@@ -11,11 +11,18 @@ compared with PEFT's `init_lora_weights="pissa"` tensor by tensor.
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 from conftest import assert_same_snapshot, hf_ids, snapshot, tiny_gpt2, tiny_llama
+from method_checks import (
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    out_in,
+    randomize_adapters,
+    seeded_model,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -38,26 +45,7 @@ class Mlp(nn.Module):
 
 
 def mlp(seed: int = 0) -> Mlp:
-    torch.manual_seed(seed)
-    model = Mlp()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    return model.eval()
-
-
-def out_in(module: nn.Module) -> torch.Tensor:
-    w = module.weight.detach().double()
-    return w.t() if isinstance(module, Conv1D) else w
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
-    """Move the trainable factors away from their init (works on loraplex and PEFT models)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name or "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=g) * std)
+    return seeded_model(Mlp, seed, std=0.5)
 
 
 def paper_residual(w: torch.Tensor, r: int) -> torch.Tensor:
@@ -117,13 +105,7 @@ def test_merge_unmerge_and_delete_restore_the_weights():
     x = hf_ids()
     pm = loraplex.attach(model, LoraConfig(method="pissa", r=2, alpha=4))
     randomize_adapters(pm)
-    residual = {k: v.clone() for k, v in pm.model.state_dict().items() if "base_layer.weight" in k}
-    unmerged = pm(x).logits
-    pm.merge()
-    torch.testing.assert_close(pm(x).logits, unmerged, rtol=1e-5, atol=1e-5)
-    pm.unmerge()
-    for k, v in residual.items():
-        torch.testing.assert_close(pm.model.state_dict()[k], v, rtol=0, atol=1e-6)
+    check_merge_unmerge(pm, x, rtol=1e-5, atol=1e-5, restore_atol=1e-6, only="base_layer.weight", logits=True)
     pm.delete_adapter("default")
     assert not pm.adapted_layers()
     for k, v in original.items():   # W_res + s B₀ A₀ = W up to one fp32 rounding
@@ -134,26 +116,19 @@ def test_save_load_round_trip_is_identical(tmp_path):
     x = hf_ids()
     pm = loraplex.attach(tiny_llama(), LoraConfig(method="pissa", r=2, alpha=4))
     randomize_adapters(pm)
-    expected = pm(x).logits
-    pm.save(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["loraplex"]["config"]["method"] == "pissa"
-    loaded = loraplex.load(tiny_llama(), tmp_path)   # re-runs the SVD of the original weight
-    torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=1e-6)
+    # loading on tiny_llama() re-runs the SVD of the original weight
+    _, config = check_save_load(pm, tiny_llama, x, tmp_path, peft_type="LORA", rtol=0, atol=1e-6, logits=True)
+    assert config["loraplex"]["config"]["method"] == "pissa"
 
 
 def test_as_lora_is_a_rank_2r_lora_for_the_unmodified_base(tmp_path):
     x = hf_ids()
     pm = loraplex.attach(tiny_llama(), LoraConfig(method="pissa", r=2, alpha=4, rslora=True))
     randomize_adapters(pm)
-    expected = pm(x).logits
-    pm.save(tmp_path, as_lora=True)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    plain, config = check_save_load(pm, tiny_llama, x, tmp_path, as_lora=True, rtol=1e-5, atol=1e-5, logits=True)
     assert config["r"] == 4 and config["loraplex"]["config"]["method"] == "lora"
-    plain = loraplex.load(tiny_llama(), tmp_path)
     assert all(type(a).__name__ == "LoraAdapter" for layer in plain.adapted_layers().values()
                for a in layer.adapters.values())
-    torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
@@ -161,19 +136,8 @@ def test_mixed_batch_equals_each_row_alone():
     pm = loraplex.attach(tiny_llama(), LoraConfig(method="pissa", r=2, alpha=4, targets=["q_proj", "v_proj"]), "a")
     pm.add_adapter("b", LoraConfig(method="pissa", r=3, alpha=3, targets=["up_proj", "down_proj"]))
     randomize_adapters(pm)
-    ids = ["a", None, "b", "a", "b"]
-    x = hf_ids(batch=len(ids))
-    with torch.no_grad():
-        mixed = pm(x, adapter_ids=ids).logits
-        alone = []
-        for i, name in enumerate(ids):
-            if name is None:
-                with pm.disabled():   # the bare base: for a residual method, W_res on its layers
-                    alone.append(pm(x[i:i + 1]).logits)
-            else:
-                pm.set_active(name)
-                alone.append(pm(x[i:i + 1]).logits)
-    torch.testing.assert_close(mixed, torch.cat(alone), rtol=2e-5, atol=2e-5)
+    ids = ["a", None, "b", "a", "b"]   # None: the bare base, for a residual method W_res on its layers
+    check_mixed_batch(pm, hf_ids(batch=len(ids)), ids, rtol=2e-5, atol=2e-5, logits=True, no_grad=True)
 
 
 def test_a_second_residual_adapter_on_a_layer_is_refused_and_changes_nothing():

@@ -8,36 +8,31 @@ W' = W_res + s C U R with only U trainable (U starts at U₀).
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from conftest import tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_gpt2_gradients,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    must_not_run,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """A wide Linear (10 -> 8) and a tall GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(10, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(10, 8, 12, seed)
 
 
 def config(**kw) -> LoraConfig:
@@ -49,11 +44,6 @@ def perturb(model, seed: int = 1) -> None:
     with torch.no_grad():
         for p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (p.abs().mean() + 0.1))
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def qr_pivots(m: torch.Tensor, k: int) -> list[int]:
@@ -82,14 +72,6 @@ def reference(layer: AdaptedLayer, name: str, x: torch.Tensor) -> torch.Tensor:
     return x.double() @ adapted.t() + b
 
 
-def x_in(d: int, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def _must_not_run(*args, **kwargs):
-    raise AssertionError("the skeleton selection of W ran while loading saved tensors")
-
-
 def test_output_matches_paper_equation():
     model = attach(net(), config())
     perturb(model)
@@ -111,10 +93,7 @@ def test_skeletons_are_pivoted_columns_and_rows_of_w():
         core0 = torch.linalg.pinv(w[:, cols]) @ w @ torch.linalg.pinv(w[rows, :])
         torch.testing.assert_close(a.pmss_U0.double(), core0, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.pmss_U.detach(), a.pmss_U0, rtol=0, atol=0)
-    x = x_in(10)
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(10), rtol=0, atol=0)
 
 
 def test_a_rank_r_weight_is_reproduced_exactly_by_its_skeleton():
@@ -139,59 +118,35 @@ def test_trainable_parameters_are_r_squared_per_layer():
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in(10)
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(10), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip(tmp_path, monkeypatch):
     model = attach(net(), config())
     perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PMSS"
-    monkeypatch.setattr("loraplex.methods.pmss.skeleton", _must_not_run)  # loading recomputes no decomposition
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    # loading recomputes no decomposition
+    monkeypatch.setattr("loraplex.methods.pmss.skeleton", must_not_run("the skeleton selection of W"))
+    check_save_load(model, net, x_in(10), tmp_path, peft_type="PMSS", rtol=0, atol=0)
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in(10)
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA" and data["r"] == 3
-    plain = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    _, data = check_save_load(model, net, x_in(10), tmp_path, as_lora=True, peft_type="LORA",
+                              rtol=1e-5, atol=1e-5)
+    assert data["r"] == 3
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(10, rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, using=perturb)
+    check_mixed_batch(model, x_in(10, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_gradients_reach_the_core_only():
     model = attach(tiny_gpt2(), LoraConfig(method="pmss", r=4, alpha=4.0, targets=["c_attn", "c_fc"]))
-    ids = hf_ids()
-    model(input_ids=ids, labels=ids).loss.backward()
-    params = model.named_trainable_parameters()
-    assert len(params) == 4 and all(p.grad is not None for p in params.values())
-    assert model.trainable_parameter_count() == 4 * 16
+    check_gpt2_gradients(model, tensors=4, count=4 * 16)
 
 
 def test_bad_options_and_rank_say_what_is_allowed():

@@ -16,49 +16,36 @@ import warnings
 import peft
 import pytest
 import torch
-from conftest import hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_peft_round_trip,
+    check_save_load,
+    check_starts_as_base,
+    linear_reference,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loraplex
 from loraplex import LoraConfig, attach
 from loraplex.core.layers import AdaptedLayer
 
 
-class Net(nn.Module):
+def net(seed: int = 0) -> TwoLayerNet:
     """Linear 12 -> 8 (d_out < d_in) and GPT-2 Conv1D 8 -> 16 (d_out > d_in), then a plain head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(12, 8)
-        self.gpt2 = Conv1D(16, 8)
-        self.head = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+    return two_layer_net(12, 8, 16, seed)
 
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "randlora", "r": 3, "alpha": 6.0, "targets": ["lin", "gpt2"], **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
 
 
 def reference_delta(layer: AdaptedLayer, bases: nn.Module, name: str = "default") -> torch.Tensor:
@@ -77,19 +64,15 @@ def reference_delta(layer: AdaptedLayer, bases: nn.Module, name: str = "default"
     return m if d_in == lo else m.t()
 
 
-def x_in(d: int = 12, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("options", [{}, {"sparse": True}, {"projection_prng_key": 9}])
 def test_output_matches_paper_equation(options):
     model = attach(net(), config(options=options)).eval()
-    perturb(model)
+    perturb(model, fan_in=True)
     bases = model.shared_tensors["default"]
     for path, layer in model.adapted_layers().items():
         x = x_in(layer.spec.in_features)
         delta = reference_delta(layer, bases)
-        ref = x.double() @ (base_weight(layer) + delta).t() + layer.base_layer.bias.detach().double()
+        ref = linear_reference(layer, x, base_weight(layer) + delta)
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=f"{options} {path}")
     if not options.get("sparse"):   # full rank: the update reaches min(d_in, d_out), far above r
         layer = model.adapted_layers()["gpt2"]
@@ -112,52 +95,33 @@ def test_bases_are_shared_frozen_and_sized_for_the_largest_layer():
 
 def test_starts_as_the_identity():
     model = attach(net(), config()).eval()
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(12), rtol=0, atol=0)
 
 
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config()).eval()
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, fan_in=True)
+    check_merge_unmerge(model, x_in(12), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_holds_the_bases_once_and_round_trips(tmp_path):
     model = attach(net(), config(options={"projection_prng_key": 4})).eval()
-    perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
+    perturb(model, fan_in=True)
+    _, data = check_save_load(model, net, x_in(12), tmp_path, peft_type="RANDLORA", rtol=0, atol=0,
+                              eval_loaded=True)
+    assert data["projection_prng_key"] == 4 and data["randlora_alpha"] == 6.0
     keys = sorted(load_file(tmp_path / "adapter_model.safetensors"))
     assert [k for k in keys if "randlora_A" in k or "randlora_B" in k] == ["base_model.randlora_A",
                                                                           "base_model.randlora_B"]
     assert len(keys) == 2 + 2 * 2
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "RANDLORA" and data["projection_prng_key"] == 4 and data["randlora_alpha"] == 6.0
-    loaded = loraplex.load(net(), tmp_path).eval()
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=2, options={"projection_prng_key": 1}))
     model.eval()
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)
+    check_mixed_batch(model, x_in(12, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_trains_the_scales_and_keeps_the_bases():
@@ -193,20 +157,14 @@ def test_peft_file_loads_in_loraplex_and_back(peft_kw, tmp_path):
         theirs = peft.get_peft_model(tiny_gpt2(), peft.RandLoraConfig(
             r=4, randlora_alpha=12, projection_prng_key=7, init_weights=False,
             target_modules=["c_attn", "c_fc"], **peft_kw)).eval()
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(tmp_path / "peft")
-        ours = loraplex.load(tiny_gpt2(), tmp_path / "peft").eval()
-        assert (expected - logits(tiny_gpt2(), ids)).abs().max() > 1e-2
-        torch.testing.assert_close(logits(ours, ids), expected, rtol=1e-5, atol=1e-5)
-        ours.save(tmp_path / "ours")
-        back = peft.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "ours")).eval()
-        torch.testing.assert_close(logits(back, ids), expected, rtol=1e-5, atol=1e-5)
+        check_peft_round_trip(theirs, tiny_gpt2, lambda model: logits(model, ids), tmp_path, rtol=1e-5, atol=1e-5,
+                              changed=1e-2)
 
 
 def test_loraplex_file_loads_in_peft(tmp_path):
     model = attach(net(), config()).eval()
-    perturb(model)
-    x = x_in()
+    perturb(model, fan_in=True)
+    x = x_in(12)
     expected = model(x)
     model.save(tmp_path)
     with warnings.catch_warnings():

@@ -15,8 +15,14 @@ import json
 
 import pytest
 import torch
-from conftest import randomize
-from method_checks import assert_rows_match_alone
+from method_checks import (
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    perturb,
+    perturb_both,
+    seeded_model,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -51,20 +57,11 @@ class Net(nn.Module):
 
 
 def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net(), std=0.3).eval()
+    return seeded_model(Net, seed, std=0.3)
 
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "reslora", "r": 2, "alpha": 4.0, "targets": ["fc", "proj"], **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    """O(1) random values in every trainable tensor (B starts at zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def x_in(seed: int = 2, rows: int = 4) -> torch.Tensor:
@@ -137,7 +134,7 @@ def test_chains_link_same_type_layers_block_to_block():
 
 def test_training_forward_matches_the_input_shortcut_equation():
     model = attach(net(), config())
-    perturb(model)
+    perturb(model, std=0.5)
     model.train()
     x = x_in()
     out = model(x)
@@ -153,7 +150,7 @@ def test_training_forward_matches_the_input_shortcut_equation():
 
 def test_inference_forward_is_the_merged_form_with_the_norm_ratio():
     model = attach(net(), config())
-    perturb(model)
+    perturb(model, std=0.5)
     x = x_in()
     ref, _ = reference(model, x, "eval")            # no norms recorded yet: α = 1 everywhere
     torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
@@ -178,7 +175,7 @@ def test_norm_window_keeps_the_last_inputs():
 def test_block_shortcut_matches_its_equation_in_training_and_inference():
     for pre_num in (1, -1):
         model = attach(net(), config(options={"variant": "bs", "pre_num": pre_num}))
-        perturb(model)
+        perturb(model, std=0.5)
         x = x_in()
         ref, _ = reference(model, x, "bs", pre_num=pre_num if pre_num > 0 else 99)
         torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
@@ -197,22 +194,15 @@ def test_trainable_parameters_are_those_of_lora(variant):
 @pytest.mark.parametrize("variant", ["is", "bs"])
 def test_merge_unmerge_restores_the_base_and_merged_equals_unmerged(variant):
     model = attach(net(), config(options={"variant": variant}))
-    perturb(model)
+    perturb(model, std=0.5)
     trained_a_little(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_in(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["is", "bs"])
 def test_save_and_load_round_trip(tmp_path, variant):
     model = attach(net(), config(options={"variant": variant}))
-    perturb(model)
+    perturb(model, std=0.5)
     trained_a_little(model)
     x = x_in()
     model.train()
@@ -230,30 +220,19 @@ def test_save_and_load_round_trip(tmp_path, variant):
 @pytest.mark.parametrize("variant", ["is", "bs"])
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path, variant):
     model = attach(net(), config(options={"variant": variant}))
-    perturb(model)
+    perturb(model, std=0.5)
     trained_a_little(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "LORA"
-    plain = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-5)
+    check_save_load(model, net, x_in(), tmp_path, as_lora=True, peft_type="LORA", rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("training", [False, True])
 def test_mixed_batch_equals_each_row_alone(training):
     model = attach(net(), config(), "a")
     model.add_adapter("b", config(r=1, options={"variant": "bs"}))
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
+    perturb_both(model, seed_b=5, std=0.5)
     trained_a_little(model)
     model.train(training)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    check_mixed_batch(model, x_in(rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_a_layer_run_without_its_predecessor_says_why():

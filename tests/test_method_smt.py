@@ -9,16 +9,26 @@ Reference, recomputed here on an untouched copy of the base model:
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import HF_VOCAB, hf_ids, randomize, tiny_gpt2
-from method_checks import assert_rows_match_alone
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from conftest import hf_ids, tiny_gpt2
+from method_checks import (
+    TwoLayerNet,
+    base_weight,
+    calibration_batches,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    check_starts_as_base,
+    linear_reference,
+    mean_weight_gradients,
+    perturb,
+    perturb_both,
+    two_layer_net,
+    x_in,
+)
 
 import loraplex
 from loraplex import LoraConfig, attach
@@ -27,20 +37,9 @@ from loraplex.core.layers import AdaptedLayer
 PATHS = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]     # 16 -> 48 and 16 -> 32
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = nn.Linear(16, 8)
-        self.gpt2 = Conv1D(12, 8)
-        self.head = nn.Linear(12, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.gpt2(torch.tanh(self.lin(x)))))
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    return randomize(Net()).eval()
+def net(seed: int = 0) -> TwoLayerNet:
+    """A Linear (16 -> 8) and a GPT-2 Conv1D (8 -> 12), adapted, then a plain head."""
+    return two_layer_net(16, 8, 12, seed)
 
 
 def net_with_blocks(name: str = "default", model=None, r: int = 2):
@@ -53,18 +52,6 @@ def net_with_blocks(name: str = "default", model=None, r: int = 2):
     return model
 
 
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-
-
-def base_weight(layer: AdaptedLayer) -> torch.Tensor:
-    w = layer.base_layer.weight.detach().double()
-    return w.t() if isinstance(layer.base_layer, Conv1D) else w
-
-
 def reference_delta(layer: AdaptedLayer, name: str = "default") -> torch.Tensor:
     a = layer.adapters[name]
     b = a.block_size
@@ -72,35 +59,6 @@ def reference_delta(layer: AdaptedLayer, name: str = "default") -> torch.Tensor:
     for (i, j), block in zip(a.smt_index.tolist(), a.smt_blocks.detach().double()):
         delta[i * b:(i + 1) * b, j * b:(j + 1) * b] = block
     return delta
-
-
-def x_in(d: int = 16, seed: int = 2, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed))
-
-
-def calibration_batches(n: int = 3) -> list[dict]:
-    out = []
-    for i in range(n):
-        ids = hf_ids(batch=2, seq=6, seed=10 + i)
-        labels = ids.clone()
-        labels[:, :2] = -100
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return out
-
-
-def reference_gradients(batches: list[dict]) -> dict[str, torch.Tensor]:
-    model = tiny_gpt2()
-    weights = [model.get_submodule(p).weight for p in PATHS]
-    for w in weights:
-        w.requires_grad_(True)
-    sums = [torch.zeros_like(w) for w in weights]
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, HF_VOCAB), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
-        for total, g in zip(sums, torch.autograd.grad(loss, weights)):
-            total += g
-    return {p: (s / len(batches)).t().double() for p, s in zip(PATHS, sums)}     # Conv1D: (in, out) -> (out, in)
 
 
 def reference_selection(grads: dict[str, torch.Tensor], b: int, n: int, score: str) -> set[tuple[str, int, int]]:
@@ -124,7 +82,7 @@ def test_calibration_selects_the_blocks_with_the_largest_gradient_scores(score, 
     assert any("smt: chose 5 blocks of 8x8" in r.message and "calibration batches" in r.message for r in caplog.records)
     chosen = {(p, i, j) for p, layer in model.adapted_layers().items()
               for i, j in layer.adapters["default"].smt_index.tolist()}
-    assert chosen == reference_selection(reference_gradients(batches), 8, 5, score)
+    assert chosen == reference_selection(mean_weight_gradients(tiny_gpt2(), batches, PATHS), 8, 5, score)
     assert model.trainable_parameter_count() == 5 * 8 * 8
     # the blocks start at zero: the calibrated adapter is the identity, and the base is untouched
     ids = hf_ids()
@@ -158,45 +116,31 @@ def test_calibration_is_deterministic():
 def test_without_calibration_nothing_trains_and_the_output_is_the_base():
     model = attach(net(), LoraConfig(method="smt", targets=["lin", "gpt2"])).eval()
     assert model.trainable_parameter_count() == 0
-    x = x_in()
-    with model.disabled():
-        base = model(x)
-    torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+    check_starts_as_base(model, x_in(16), rtol=0, atol=0)
 
 
 def test_output_matches_paper_equation():
     model = net_with_blocks().eval()
-    perturb(model)
+    perturb(model, fan_in=True)
     for path, layer in model.adapted_layers().items():
         x = x_in(layer.spec.in_features)
-        ref = x.double() @ (base_weight(layer) + reference_delta(layer)).t() + layer.base_layer.bias.detach().double()
+        ref = linear_reference(layer, x, base_weight(layer) + reference_delta(layer))
         torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5, msg=path)
     assert model.trainable_parameter_count() == 5 * 4 * 4
 
 
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = net_with_blocks().eval()
-    perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    perturb(model, fan_in=True)
+    check_merge_unmerge(model, x_in(16), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 def test_save_and_load_round_trip_needs_no_data(tmp_path):
     cfg = LoraConfig(method="smt", targets=PATHS, options={"block_size": 8, "n_blocks": 5})
     model = attach(tiny_gpt2(), cfg, calibration_data=calibration_batches()).eval()
-    perturb(model)
-    ids = hf_ids()
-    expected = model(input_ids=ids).logits
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SMT"
-    loaded = loraplex.load(tiny_gpt2(), tmp_path).eval()
-    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+    perturb(model, fan_in=True)
+    loaded, _ = check_save_load(model, tiny_gpt2, hf_ids(), tmp_path, peft_type="SMT", rtol=0, atol=0,
+                                eval_loaded=True, logits=True)
     assert loaded.trainable_parameter_count() == model.trainable_parameter_count() == 5 * 64
 
 
@@ -204,13 +148,8 @@ def test_mixed_batch_equals_each_row_alone():
     model = net_with_blocks("a")
     net_with_blocks("b", model)
     model.eval()
-    perturb(model)
-    model.set_active("b")
-    perturb(model, seed=5)
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-5, atol=1e-6)
+    perturb_both(model, seed_b=5, fan_in=True)
+    check_mixed_batch(model, x_in(16, rows=5), rtol=1e-5, atol=1e-6)
 
 
 def test_gpt2_trains_only_the_selected_blocks():

@@ -9,17 +9,24 @@ PEFT has no Tied-LoRA, so there is no parity test; files are our own (peft_type 
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
-from conftest import hf_ids, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from conftest import tiny_gpt2
+from method_checks import (
+    BlockNet,
+    check_gpt2_trains_and_merges,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    make_net,
+    reference_with_deltas,
+    x_seq,
+)
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-import loraplex
 from loraplex import LoraConfig, attach
 
 TARGETS = ["q", "k", "up", "down"]
@@ -41,29 +48,9 @@ class Block(nn.Module):
         return x + self.down(torch.tanh(self.up(h)))
 
 
-class Net(nn.Module):
-    def __init__(self, blocks: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(blocks)])
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.4)
-    return model.eval()
-
-
-def x_in(seed: int = 3, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 5, 8, generator=torch.Generator().manual_seed(seed))
+def net(seed: int = 0) -> BlockNet:
+    """Three of these blocks, then a plain head."""
+    return make_net(seed, blocks=3, block=Block)
 
 
 def config(**kw) -> LoraConfig:
@@ -80,15 +67,6 @@ def perturb(model, seed: int = 1) -> None:
                 tensors += [a.tied_lora_u, a.tied_lora_v]
         for t in tensors:
             t.copy_(torch.randn(t.shape, generator=g) / 2)
-
-
-def reference(base: nn.Module, x: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    ref = copy.deepcopy(base).double()
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            layer = ref.get_submodule(path)
-            layer.weight += delta.t() if isinstance(layer, Conv1D) else delta
-    return ref(x.double())
 
 
 def deltas_of(model, name: str = "default", alpha: float = 6.0) -> dict[str, torch.Tensor]:
@@ -109,8 +87,9 @@ def test_output_matches_paper_equation(train):
     base = net()
     model = attach(copy.deepcopy(base), config(options={"train": train}))
     perturb(model)
-    x = x_in()
-    torch.testing.assert_close(model(x).double(), reference(base, x, deltas_of(model)), rtol=1e-5, atol=1e-5)
+    x = x_seq()
+    ref = reference_with_deltas(base, x, deltas_of(model))
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_of_one_name_share_one_pair_and_different_names_do_not():
@@ -158,7 +137,7 @@ def test_trainable_parameters_follow_selective_training(tmp_path, train, tie):
 def test_starts_as_identity_with_a_gradient(train):
     base = net()
     model = attach(copy.deepcopy(base), config(options={"train": train}))
-    x = x_in()
+    x = x_seq()
     out = model(x)
     torch.testing.assert_close(out, base(x), rtol=0, atol=0)
     out.square().sum().backward()
@@ -169,56 +148,33 @@ def test_starts_as_identity_with_a_gradient(train):
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_seq(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 @pytest.mark.parametrize("train", ["vBuA", "vu"])
 def test_save_and_load_round_trip(tmp_path, train):
     model = attach(net(), config(options={"train": train}))
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "TIED_LORA"
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    loaded, _ = check_save_load(model, net, x_seq(), tmp_path, peft_type="TIED_LORA", rtol=0, atol=0)
     assert loaded.trainable_parameter_count() == model.trainable_parameter_count()
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    torch.testing.assert_close(loraplex.load(net(), tmp_path)(x), expected, rtol=1e-5, atol=1e-5)
+    check_save_load(model, net, x_seq(), tmp_path, as_lora=True, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(init="random"), name="a")
     model.add_adapter("b", config(init="random", options={"train": "vu"}))
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-6, atol=1e-6)
+    check_mixed_batch(model, x_seq(rows=5), rtol=1e-6, atol=1e-6)
 
 
 def test_gpt2_trains_and_merges():
     model = attach(tiny_gpt2(), LoraConfig(method="tied-lora", r=4, targets=["c_attn", "c_proj", "c_fc"]))
     perturb(model)
-    ids = hf_ids()
-    out = model(ids, labels=ids)
-    out.loss.backward()
-    assert all(p.grad is not None for p in model.trainable_parameters())
-    model.merge()
-    torch.testing.assert_close(model(ids).logits, out.logits.detach(), rtol=1e-4, atol=1e-4)
+    check_gpt2_trains_and_merges(model, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kw", "message"), [

@@ -9,16 +9,23 @@ Reference, written here from the paper in float64 from the raw tensors, one sub-
 from __future__ import annotations
 
 import copy
-import json
 
 import peft
 import pytest
 import torch
 from conftest import hf_ids, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from method_checks import (
+    BlockNet,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    make_net,
+    perturb,
+    reference_with_deltas,
+    x_seq,
+)
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loraplex
 from loraplex import LoraConfig, attach
@@ -28,61 +35,14 @@ R, H, LEN, K = 3, 6, 4, 2      # rank, bank vectors, vector length, top-k
 OPTIONS = {"num_vectors": H, "vector_length": LEN, "topk": K}
 
 
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(8, 8)
-        self.up = nn.Linear(8, 16)
-        self.down = Conv1D(8, 16)
-
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(torch.tanh(self.q(x)))))
-
-
-class Net(nn.Module):
-    def __init__(self, blocks: int = 2) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(blocks)])
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.4)
-    return model.eval()
-
-
-def x_in(seed: int = 3, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 5, 8, generator=torch.Generator().manual_seed(seed))
+def net(seed: int = 0) -> BlockNet:
+    """Two blocks, each with Linear 8->8, Linear 8->16 and GPT-2 Conv1D 16->8 adapted."""
+    return make_net(seed, blocks=2)
 
 
 def config(**kw) -> LoraConfig:
     options = {**OPTIONS, **kw.pop("options", {})}
     return LoraConfig(**{"method": "vb-lora", "r": R, "targets": TARGETS, "options": options, **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def reference(base: nn.Module, x: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    ref = copy.deepcopy(base).double()
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            layer = ref.get_submodule(path)
-            layer.weight += delta.t() if isinstance(layer, Conv1D) else delta
-    return ref(x.double())
 
 
 def sub_vector(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -113,8 +73,9 @@ def test_output_matches_paper_equation():
     base = net()
     model = attach(copy.deepcopy(base), config())
     perturb(model)
-    x = x_in()
-    torch.testing.assert_close(model(x).double(), reference(base, x, deltas_of(model)), rtol=1e-5, atol=1e-5)
+    x = x_seq()
+    ref = reference_with_deltas(base, x, deltas_of(model))
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_trainable_parameters_and_the_bank_is_stored_once(tmp_path):
@@ -133,48 +94,30 @@ def test_trainable_parameters_and_the_bank_is_stored_once(tmp_path):
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_seq(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 @pytest.mark.parametrize("topk_only", [False, True])
 def test_save_and_load_round_trip(tmp_path, topk_only):
     model = attach(net(), config(options={"save_only_topk_weights": topk_only}))
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "VBLORA" and data["save_only_topk_weights"] is topk_only
+    tol = 1e-5 if topk_only else 0.0   # top-k only: the weights pass through softmax and log again
+    _, data = check_save_load(model, net, x_seq(), tmp_path, peft_type="VBLORA", rtol=tol, atol=tol)
+    assert data["save_only_topk_weights"] is topk_only
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert ("base_model.model.blocks.0.q.vblora_logits_A_topk_indices" in keys) is topk_only
-    loaded = loraplex.load(net(), tmp_path)
-    tol = 1e-5 if topk_only else 0.0   # top-k only: the weights pass through softmax and log again
-    torch.testing.assert_close(loaded(x), expected, rtol=tol, atol=tol)
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    torch.testing.assert_close(loraplex.load(net(), tmp_path)(x), expected, rtol=1e-5, atol=1e-5)
+    check_save_load(model, net, x_seq(), tmp_path, as_lora=True, rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(init="random"), name="a")
     model.add_adapter("b", config(init="random"))
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-6, atol=1e-6)
+    check_mixed_batch(model, x_seq(rows=5), rtol=1e-6, atol=1e-6)
 
 
 def _peft_vblora(base: nn.Module, **kw):
@@ -192,7 +135,7 @@ def test_peft_adapter_loads_in_loraplex(tmp_path, topk_only):
                 p.normal_()
     theirs.save_pretrained(str(tmp_path))
     ours = loraplex.load(copy.deepcopy(base), tmp_path)
-    x = x_in()
+    x = x_seq()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     if not topk_only:
         assert ours.trainable_parameter_count() == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
@@ -205,7 +148,7 @@ def test_loraplex_adapter_loads_in_peft(tmp_path, topk_only):
     perturb(ours)
     ours.save(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
-    x = x_in()
+    x = x_seq()
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
 
 

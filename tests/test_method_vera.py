@@ -9,16 +9,23 @@ Reference, written here from the paper in float64 from the raw tensors:
 from __future__ import annotations
 
 import copy
-import json
 
 import peft
 import pytest
 import torch
 from conftest import hf_ids, tiny_gpt2
-from method_checks import assert_rows_match_alone
+from method_checks import (
+    BlockNet,
+    check_merge_unmerge,
+    check_mixed_batch,
+    check_save_load,
+    make_net,
+    perturb,
+    reference_with_deltas,
+    x_seq,
+)
 from safetensors.torch import load_file
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 import loraplex
 from loraplex import LoraConfig, attach
@@ -26,63 +33,13 @@ from loraplex import LoraConfig, attach
 TARGETS = ["q", "up", "down"]
 
 
-class Block(nn.Module):
-    """Three adapted layers of three shapes: Linear 8->8, Linear 8->16, GPT-2 Conv1D 16->8."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(8, 8)
-        self.up = nn.Linear(8, 16)
-        self.down = Conv1D(8, 16)
-
-    def forward(self, x):
-        return x + self.down(torch.tanh(self.up(torch.tanh(self.q(x)))))
-
-
-class Net(nn.Module):
-    def __init__(self, blocks: int = 3) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block() for _ in range(blocks)])
-        self.head = nn.Linear(8, 5)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
-
-
-def net(seed: int = 0) -> Net:
-    torch.manual_seed(seed)
-    model = Net()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.4)
-    return model.eval()
-
-
-def x_in(seed: int = 3, rows: int = 4) -> torch.Tensor:
-    return torch.randn(rows, 5, 8, generator=torch.Generator().manual_seed(seed))
+def net(seed: int = 0) -> BlockNet:
+    """Three blocks, each with Linear 8->8, Linear 8->16 and GPT-2 Conv1D 16->8 adapted."""
+    return make_net(seed, blocks=3)
 
 
 def config(**kw) -> LoraConfig:
     return LoraConfig(**{"method": "vera", "r": 4, "targets": TARGETS, **kw})
-
-
-def perturb(model, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-
-
-def reference(base: nn.Module, x: torch.Tensor, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The base model in float64 with each layer's weight W + ΔW (ΔW in (out, in) layout)."""
-    ref = copy.deepcopy(base).double()
-    with torch.no_grad():
-        for path, delta in deltas.items():
-            layer = ref.get_submodule(path)
-            layer.weight += delta.t() if isinstance(layer, Conv1D) else delta
-    return ref(x.double())
 
 
 def vera_delta(a_shared: torch.Tensor, b_shared: torch.Tensor, lam_b: torch.Tensor, lam_d: torch.Tensor,
@@ -107,14 +64,15 @@ def test_output_matches_paper_equation():
     base = net()
     model = attach(copy.deepcopy(base), config())
     perturb(model)
-    x = x_in()
-    torch.testing.assert_close(model(x).double(), reference(base, x, deltas_of(model)), rtol=1e-5, atol=1e-5)
+    x = x_seq()
+    ref = reference_with_deltas(base, x, deltas_of(model))
+    torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_starts_as_identity_with_paper_init_and_shared_pair_is_pefts_draw():
     base = net()
     model = attach(copy.deepcopy(base), config(options={"projection_prng_key": 7}))
-    x = x_in()
+    x = x_seq()
     torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)          # b = 0
     layer = model.adapted_layers()["blocks.0.q"].adapters["default"]
     assert torch.all(layer.vera_lambda_d == 0.1)                            # d_initial
@@ -146,48 +104,29 @@ def test_trainable_parameters_are_the_vectors_and_the_pair_is_stored_once(tmp_pa
 def test_merge_then_unmerge_restores_base_and_merged_equals_unmerged():
     model = attach(net(), config())
     perturb(model)
-    before = {k: v.clone() for k, v in model.model.state_dict().items()}
-    x = x_in()
-    unmerged = model(x)
-    model.merge()
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    model.unmerge()
-    for key, value in model.model.state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=1e-6, msg=key)
+    check_merge_unmerge(model, x_seq(), rtol=1e-5, atol=1e-5, restore_atol=1e-6)
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
 def test_save_and_load_round_trip(tmp_path, save_projection):
     model = attach(net(), config(options={"save_projection": save_projection, "projection_prng_key": 3}))
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path)
-    data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "VERA" and data["save_projection"] is save_projection
+    loaded, data = check_save_load(model, net, x_seq(), tmp_path, peft_type="VERA", rtol=0, atol=0)
+    assert data["save_projection"] is save_projection
     assert ("base_model.vera_A" in load_file(tmp_path / "adapter_model.safetensors")) is save_projection
-    loaded = loraplex.load(net(), tmp_path)
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
     assert loaded.trainable_parameter_count() == model.trainable_parameter_count()
 
 
 def test_save_as_plain_lora_loads_on_the_unmodified_base(tmp_path):
     model = attach(net(), config())
     perturb(model)
-    x = x_in()
-    expected = model(x)
-    model.save(tmp_path, as_lora=True)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    torch.testing.assert_close(loraplex.load(net(), tmp_path)(x), expected, rtol=1e-5, atol=1e-5)
+    check_save_load(model, net, x_seq(), tmp_path, as_lora=True, peft_type="LORA", rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_equals_each_row_alone():
     model = attach(net(), config(init="random"), name="a")
     model.add_adapter("b", config(init="random"))
-    x = x_in(rows=5)
-    ids = ["a", "b", None, "b", "a"]
-    mixed = model(x, adapter_ids=ids)
-    assert_rows_match_alone(model, x, ids, mixed, rtol=1e-6, atol=1e-6)
+    check_mixed_batch(model, x_seq(rows=5), rtol=1e-6, atol=1e-6)
 
 
 def _peft_vera(base: nn.Module, **kw):
@@ -205,7 +144,7 @@ def test_peft_adapter_loads_in_loraplex(tmp_path, save_projection):
                 p.normal_()
     theirs.save_pretrained(str(tmp_path))
     ours = loraplex.load(copy.deepcopy(base), tmp_path)
-    x = x_in()
+    x = x_seq()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
     assert ours.trainable_parameter_count() == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
 
@@ -218,7 +157,7 @@ def test_loraplex_adapter_loads_in_peft(tmp_path, save_projection):
     perturb(ours)
     ours.save(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
-    x = x_in()
+    x = x_seq()
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-5)
 
 
