@@ -235,8 +235,9 @@ def bench_attach_load(ours, peft_model, reps, tmp: Path) -> dict:
                     model.set_adapter("default")
                 model.delete_adapter(n)
 
-    add = interleaved({"loraplex": ours_add, "peft": peft_add}, reps, after=cleanup)
-    load = interleaved({"loraplex": ours_load, "peft": peft_load}, reps, after=cleanup)
+    # a few warm-up rounds: the steady state of a process that adds and drops adapters
+    add = interleaved({"loraplex": ours_add, "peft": peft_add}, reps, warmup=3, after=cleanup)
+    load = interleaved({"loraplex": ours_load, "peft": peft_load}, reps, warmup=3, after=cleanup)
     ours.set_active("default")
     peft_model.set_adapter("default")
     return {"add": add, "load": load,
@@ -265,7 +266,7 @@ def main() -> None:
         reps = {"train": 5, "infer": 7, "mixed": 3, "io": 7}
     else:
         train_shape, infer_shape, mixed_seqs = (8, 128), (8, 128), (32, 128)
-        reps = {"train": 9, "infer": 11, "mixed": 7, "io": 15}
+        reps = {"train": 9, "infer": 11, "mixed": 7, "io": 25}
 
     t0 = time.perf_counter()
     loaded = load_base()
