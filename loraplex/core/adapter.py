@@ -84,8 +84,10 @@ class Adapter(nn.Module):
             raise ValueError(
                 f"method {self.method!r} cannot adapt a {type(spec.base).__name__} layer; "
                 f"it supports: {', '.join(self.kinds)}")
-        self.r, self.alpha = r, alpha
-        self._shared_ref = (shared,)  # a tuple, so the shared module is not registered once per layer
+        # plain values straight into __dict__ (what nn.Module.__setattr__ ends up doing for them, minus its
+        # checks: hundreds of adapters are built per attach); the shared module sits in a tuple so that it
+        # is not registered once per layer
+        self.__dict__.update(r=r, alpha=alpha, _shared_ref=(shared,))
 
     @property
     def shared(self) -> nn.Module | None:

@@ -152,7 +152,9 @@ class AdapterModel(nn.Module):
                 layer = AdaptedLayer(modules[path], self._shared)
                 layer.training = layer.adapters.training = mode   # flags only: the base keeps its own mode
                 _set_submodule(self.model, path, layer)
-            layer.adapters[name] = adapter.train(mode)
+            # straight into the ModuleDict (the name was checked by _check_new_name; add_module's checks
+            # cost more than the rest of installing a layer's adapter)
+            layer.adapters._modules[name] = adapter.train(mode)
             adapter.on_install(layer.spec)
         for path in saved:
             module = wrappers.get(path)

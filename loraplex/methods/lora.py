@@ -137,8 +137,8 @@ class LoraAdapter(Adapter):
                 a = _uniform(a_shape, 1 / math.sqrt(fan_in), dtype, device)
             b = (_uniform(b_shape, 1 / math.sqrt(r), dtype, device) if init == "random"
                  else torch.zeros(b_shape, dtype=dtype, device=device))
-        self.register_parameter("lora_A", nn.Parameter(a))
-        self.register_parameter("lora_B", nn.Parameter(b))
+        self._parameters["lora_A"] = nn.Parameter(a)   # register_parameter's name checks cost more than
+        self._parameters["lora_B"] = nn.Parameter(b)   # the rest of building a layer's adapter
         if self.use_dora:
             with torch.no_grad():
                 norm = self._weight_norm(spec, self.lora_delta_weight(spec))
