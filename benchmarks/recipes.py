@@ -119,6 +119,9 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test of this script)")
     p.add_argument("--options", default="", help='JSON: {"recipe": {"option": value}}')
     p.add_argument("--markdown", default=None, help="write the table (with this command line) to this file")
+    p.add_argument("--results", default=None,
+                   help="JSON file of finished runs: read at start (those recipes are not run again) and rewritten "
+                        "after each run, so an interrupted measurement continues where it stopped")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--output", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -132,26 +135,45 @@ def main() -> None:
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; available: {', '.join(sorted(available()))}")
     results: dict[str, dict] = {}
+    done = json.loads(Path(args.results).read_text()) if args.results and Path(args.results).exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [PLAIN, *names]:
+            if name in done and "error" not in done[name]:
+                print(f"{name}: kept from {args.results}", file=sys.stderr, flush=True)
+                results[name] = done[name]
+                continue
             print(f"running {name} ...", file=sys.stderr, flush=True)
             results[name] = run_child(name, args, Path(tmp))
-    lines = table(results, args.target)
-    print("\n".join(lines))
+            if args.results:
+                write_atomic(Path(args.results), json.dumps({**done, **results}, indent=1))
+            if args.markdown:
+                write_markdown(args, results)
+    print("\n".join(table(results, args.target)))
     if args.markdown:
-        command = " ".join(["python", "benchmarks/recipes.py", *sys.argv[1:]])
-        model = "tiny random Llama (smoke test)" if args.tiny else (args.model or "SmolLM2-135M-Instruct (embedded)")
-        text = [
-            "# Training recipes against plain LoRA", "",
-            f"Default task, {model}; every run: {args.steps} steps of batch {args.batch_size}, lr {args.lr}, "
-            f"LoRA r={args.r} alpha={2 * args.r} on all linear layers (the recipe's own adapter where it builds one), "
-            f"seed {args.seed}, {args.threads} threads, held-out exact match on {args.eval_samples} examples every "
-            f"{args.eval_every} steps. Peak memory is the max RSS of the run's own process; step time the median.", "",
-            "Produced by:", "", "```", command, "```", "", *lines, "",
-        ]
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text("\n".join(text))
+        write_markdown(args, results)
         print(f"wrote {args.markdown}", file=sys.stderr)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_markdown(args: argparse.Namespace, results: dict[str, dict]) -> None:
+    lines = table(results, args.target)
+    command = " ".join(["python", "benchmarks/recipes.py", *sys.argv[1:]])
+    model = "tiny random Llama (smoke test)" if args.tiny else (args.model or "SmolLM2-135M-Instruct (embedded)")
+    text = [
+        "# Training recipes against plain LoRA", "",
+        f"Default task, {model}; every run: {args.steps} steps of batch {args.batch_size}, lr {args.lr}, "
+        f"LoRA r={args.r} alpha={2 * args.r} on all linear layers (the recipe's own adapter where it builds one), "
+        f"seed {args.seed}, {args.threads} threads, held-out exact match on {args.eval_samples} examples every "
+        f"{args.eval_every} steps. Peak memory is the max RSS of the run's own process; step time the median.", "",
+        "Produced by:", "", "```", command, "```", "", *lines, "",
+    ]
+    write_atomic(Path(args.markdown), "\n".join(text))
 
 
 if __name__ == "__main__":
