@@ -30,6 +30,14 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder-only language model: a Hugging Face model that can generate and has no encoder."""
+    can_generate = getattr(model, "can_generate", None)
+    config = getattr(model, "config", None)
+    return (callable(can_generate) and bool(can_generate())
+            and not getattr(config, "is_encoder_decoder", False))
+
+
 @dataclass
 class LayerSpec:
     """What an adapter needs to know about the base layer it is attached to."""
@@ -38,6 +46,9 @@ class LayerSpec:
     in_features: int
     out_features: int
     base: nn.Module
+    # the layer sits in a causal (decoder-only) language model: set once per build by the core, from the
+    # whole model (`is_causal_lm`), for methods whose layout depends on it (Conv-LoRA's token grid)
+    causal_lm: bool = False
 
     @classmethod
     def of(cls, module: nn.Module) -> LayerSpec:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraplex.core.adapter import Adapter, LayerSpec
+from loraplex.core.adapter import Adapter, LayerSpec, is_causal_lm
 from loraplex.core.config import LoraConfig
 from loraplex.core.layers import AdaptedLayer, MixedBatchPlan, SavedModule, SharedState
 from loraplex.core.targeting import TargetError, find_targets, scan
@@ -94,7 +94,7 @@ class AdapterModel(nn.Module):
         paths = find_targets(self.model, config.targets, config.exclude, modules) if targets is None else targets
         saved_paths = _saved_paths(modules, config.modules_to_save)
         self._check_adapted_vs_saved(name, paths, saved_paths, wrappers)
-        specs = {}
+        specs, causal_lm = {}, is_causal_lm(self.model)
         for path in paths:
             if path not in modules:
                 raise TargetError(f"module {path!r} does not exist in {type(self.model).__name__}")
@@ -102,6 +102,7 @@ class AdapterModel(nn.Module):
                 continue  # trained in full: neither it nor its children get low-rank adapters
             try:
                 specs[path] = LayerSpec.of(modules[path])
+                specs[path].causal_lm = causal_lm
             except (TypeError, ValueError) as err:
                 raise TargetError(f"{path}: {err}") from None
         shared = method.build_shared(config, specs)
