@@ -313,7 +313,9 @@ def main() -> int:
             print(f"  adapter bytes (host tier):   {before_mem['host_bytes'] / 2**20:8.1f} MiB -> "
                   f"{after_mem['host_bytes'] / 2**20:.1f} MiB")
             print(f"  adapter bytes (device tier): {before_mem['device_bytes'] / 2**20:8.1f} MiB -> "
-                  f"{after_mem['device_bytes'] / 2**20:.1f} MiB (on CPU both tiers share storage)")
+                  f"{after_mem['device_bytes'] / 2**20:.1f} MiB")
+            print(f"  stacked factors (device):    {before_mem['stack_bytes'] / 2**20:8.1f} MiB -> "
+                  f"{after_mem['stack_bytes'] / 2**20:.1f} MiB")
             print(f"  process RSS:                 {before_rss / 2**20:8.1f} MiB -> {after_rss / 2**20:.1f} MiB "
                   f"({(before_rss - after_rss) / 2**20:+.1f} MiB freed)\n")
         del engine, jd_engine

@@ -171,7 +171,7 @@ def test_grouped_layer_is_shrink_then_expand_per_slice():
     for name, r in (("a", 1), ("b", 3), ("c", 8)):        # different ranks, no padding
         a, b, s = torch.randn(r, 6), torch.randn(5, r), 0.5 * r
         factors[name] = (a, b, s)
-        layer.lora[name] = LoraWeights("linear", a.t().contiguous(), (s * b).t().contiguous())
+        layer.add_lora(name, LoraWeights("linear", a.t().contiguous(), (s * b).t().contiguous()))
     rows = [(), (("a", 1.0),), (("a", 1.0),), (("b", 1.0),), (("a", 0.5), ("c", 2.0))]
     x = torch.randn(len(rows), 2, 6)
     ctx.plan = StepPlan(rows)
@@ -186,6 +186,69 @@ def test_grouped_layer_is_shrink_then_expand_per_slice():
             assert torch.allclose(out[i], want, rtol=1e-5, atol=1e-6), (i, terms)  # (assert_close imports DTensor: 5 s)
     with pytest.raises(ValueError, match="contiguous"):
         StepPlan([(("a", 1.0),), (), (("a", 1.0),)])
+
+
+def stacked_layer(ranks: dict[str, int], seed: int = 0):
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(6, 5)
+    ctx = PlanContext()
+    layer = ServingModule(base, "linear", ctx)
+    factors = {}
+    for name, r in ranks.items():
+        a, b, s = torch.randn(r, 6), torch.randn(5, r), 2.0 / r
+        factors[name] = (a, b, s)
+        layer.add_lora(name, LoraWeights("linear", a.t().contiguous(), (s * b).t().contiguous()))
+    return layer, ctx, factors
+
+
+def check_rows(layer, ctx, factors, rows, tokens=2):
+    ctx.plan = StepPlan(rows)
+    x = torch.randn(len(rows), tokens, 6)
+    with torch.no_grad():
+        out = layer(x)
+        for i, terms in enumerate(rows):
+            want = layer.base_layer(x[i])
+            for name, w in terms:
+                a, b, s = factors[name]
+                want = want + w * s * (x[i] @ a.t()) @ b.t()
+            assert torch.allclose(out[i], want, rtol=1e-5, atol=1e-5), (i, terms)
+    return ctx.plan
+
+
+def test_stacked_path_serves_single_adapter_groups_with_two_batched_products():
+    ranks = {f"s{i}": 2 for i in range(7)} | {f"t{i}": 3 for i in range(4)}
+    layer, ctx, factors = stacked_layer(ranks)
+    layer.remove_lora("s1")                               # a free slot in the middle of the rank-2 stack
+    assert sorted(layer.stacks) == [2, 3] and layer.stacks[2].names.count(None) == 2
+    one = lambda n, w=1.0: ((n, w),)  # noqa: E731
+    rows = ([(), one("s0"), one("s0"), one("s2"), one("s3", 0.5), one("s4")] + [one("s5")] * 7   # s5: too large
+            + [one("s6"), one("t0"), one("t1"), one("t2"), (("s0", 0.5), ("t3", 2.0))])
+    plan = check_rows(layer, ctx, factors, rows)
+    r2, r3 = plan.route(layer.stacks[2], 2), plan.route(layer.stacks[3], 2)
+    served = lambda route: sorted(plan.adapted[i].terms[0][0] for i in route.groups)  # noqa: E731
+    assert served(r2) == ["s0", "s2", "s4", "s6"] and r2.slots is None     # s5 (14 tokens) and s3 (weight) not
+    assert served(r3) == ["t0", "t1", "t2"]
+    # Few of many slots used: only those slots' factors are gathered.
+    for i in range(7, 12):
+        a, b = torch.randn(2, 6), torch.randn(5, 2)
+        factors[f"s{i}"] = (a, b, 1.0)
+        layer.add_lora(f"s{i}", LoraWeights("linear", a.t().contiguous(), b.t().contiguous()))
+    plan = check_rows(layer, ctx, factors, [one("s2"), one("s9"), one("s11"), one("t0")], tokens=1)
+    assert plan.route(layer.stacks[2], 1).slots is not None
+    assert plan.route(layer.stacks[3], 1) is None                          # one group: per-group path
+
+
+def test_stack_slots_are_reused_and_unloading_gives_the_memory_back():
+    layer, ctx, factors = stacked_layer({f"s{i}": 4 for i in range(16)})
+    full = layer.stack_bytes
+    assert len(layer.stacks[4].names) == 16
+    for i in range(13):
+        layer.remove_lora(f"s{i}")
+    assert layer.stack_bytes <= full // 2                 # 3 of 16 slots used: capacity halved
+    check_rows(layer, ctx, factors, [((f"s{i}", 1.0),) for i in (13, 14, 15)])
+    for i in (13, 14, 15):
+        layer.remove_lora(f"s{i}")
+    assert layer.stack_bytes == 0 and layer.empty
 
 
 # --------------------------------------------------------------------------- engine vs generate

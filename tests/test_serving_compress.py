@@ -114,7 +114,7 @@ def test_segment_of_members_is_x_v_sigma_u_per_row():
     sig = torch.randn(4, 3, 3)
     layer.shared["set"] = SharedBasis(v, u.t().contiguous(), sig.transpose(1, 2).contiguous())
     a, b = torch.randn(2, 6), torch.randn(5, 2)
-    layer.lora["p"] = LoraWeights("linear", a.t().contiguous(), b.t().contiguous())
+    layer.add_lora("p", LoraWeights("linear", a.t().contiguous(), b.t().contiguous()))
     members = {"m0": ("set", 0), "m1": ("set", 1), "m3": ("set", 3)}
     rows = [(), (("p", 1.0),), (("m0", 1.0),), (("m1", 1.0),), (("m1", 1.0),), (("m3", 1.0),),
             (("m1", 0.5), ("p", 2.0))]

@@ -217,7 +217,7 @@ class ServedModel:
         for path, lw in adapter.layers.items():
             moved = lw.to(self.device)
             nbytes += sum(t.numel() * t.element_size() for t in moved.tensors())
-            self._wrapper(path).lora[adapter.name] = moved
+            self._wrapper(path).add_lora(adapter.name, moved)
             touched.append(path)
         for path, module in adapter.saved.items():
             if self.device.type != "cpu":      # keep the host copy on the host
@@ -232,7 +232,7 @@ class ServedModel:
             wrapper = self.wrappers.get(path)
             if wrapper is None:
                 continue
-            wrapper.lora.pop(name, None)
+            wrapper.remove_lora(name)
             wrapper.saved.pop(name, None)
             self._drop_if_empty(path, wrapper)
 
@@ -508,6 +508,8 @@ class Engine:
         """Bytes held by adapters: in host memory, and installed on the compute device."""
         out = {"host_bytes": self.pool.host_bytes(),
                "device_bytes": sum(a.nbytes for a in list(self._active.values())),
+               # the layers' stacked factors: the device copy of active plain LoRA adapters plus free slots
+               "stack_bytes": sum(w.stack_bytes for w in list(self.served.wrappers.values())),
                "active": len(self._active), "cached": len(self.pool.cached_names()),
                "compressed_bytes": sum(self._installed.values()),
                "compressed_adapters": sum(len(self._sets[n].adapters) for n in list(self._installed))}

@@ -7,7 +7,16 @@ runs, per slice and per adapter of the slice,
     shrink  h = x[s:e] @ Aᵀ            (tokens x r, the adapter's own rank: no padding)
     expand  y[s:e] += h @ (s·B)ᵀ       (scale folded into B when the adapter was loaded)
 
-in place on the base layer's output. `B A` is never formed. DoRA rows are rescaled by the adapter's
+in place on the base layer's output. `B A` is never formed.
+
+Many small groups (decode steps: one token per request, dozens of adapters) would cost two tiny matrix
+products per group per layer, and on CPU each call's fixed overhead then outweighs its arithmetic. So
+each layer also keeps its plain LoRA factors stacked by rank, one slot per adapter (`RankStack`:
+A (slots, d_in, r), sB (slots, r, d_out)), and serves all single-adapter groups of a step with two
+batched products: the groups' tokens are copied into a zero-padded (slots, rows, d_in) block at their
+adapter's slot, `torch.bmm` shrinks and expands, and the results are added back to their rows
+(`Route`, computed once per step for every layer with the same slots). Still no `B A`, and each slot
+keeps its own rank; groups much larger than the rest stay on the per-group path. DoRA rows are rescaled by the adapter's
 precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are recomputed by the adapter's own copy of
 the module.
 
@@ -115,6 +124,42 @@ class StepPlan:
                                          torch.tensor(index, dtype=torch.long, device=device)))
             in_segment.update(id(g) for g in run)
         self.adapted = [g for g in groups if g.terms and id(g) not in in_segment]
+        self.device = device
+        # groups served by one adapter at weight 1 (candidates for the stacked path), by adapter name
+        self.one_adapter = {g.terms[0][0]: i for i, g in enumerate(self.adapted)
+                       if len(g.terms) == 1 and g.terms[0][1] == 1.0 and g.terms[0][0] not in self.members}
+        self._routes: dict[tuple, Route | None] = {}
+
+    def route(self, stack: RankStack, per_row: int) -> Route | None:
+        """The step's `Route` through `stack` (computed once for every layer whose slots are the same)."""
+        key = (stack.names, per_row)
+        if key not in self._routes:
+            self._routes[key] = self._make_route(stack, per_row)
+        return self._routes[key]
+
+    def _make_route(self, stack: RankStack, per_row: int) -> Route | None:
+        chosen = [(stack.slot[name], self.adapted[i], i) for name, i in self.one_adapter.items() if name in stack.slot]
+        if len(chosen) < STACK_MIN_GROUPS:
+            return None
+        sizes = [(g.stop - g.start) * per_row for _, g, _ in chosen]
+        # Pad every slot to twice the mean group size at most; larger groups keep their own products.
+        cap = max(1, 2 * -(-sum(sizes) // len(sizes)))
+        chosen = [c for c, n in zip(chosen, sizes) if n <= cap]
+        if len(chosen) < STACK_MIN_GROUPS:
+            return None
+        rows = max((g.stop - g.start) * per_row for _, g, _ in chosen)
+        used = sorted({slot for slot, _, _ in chosen})
+        whole = 2 * len(used) >= len(stack.names)      # most slots are used: no gather of the factors
+        block_of = {slot: (slot if whole else k) for k, slot in enumerate(used)}
+        src, dest = [], []
+        for slot, g, _ in chosen:
+            n = (g.stop - g.start) * per_row
+            src.append(torch.arange(g.start * per_row, g.start * per_row + n))
+            dest.append(torch.arange(n) + block_of[slot] * rows)
+        return Route(torch.cat(src).to(self.device), torch.cat(dest).to(self.device),
+                     None if whole else torch.tensor(used, device=self.device),
+                     len(stack.names) if whole else len(used), rows, frozenset(i for _, _, i in chosen))
+
 
     def _set_of(self, terms: Terms) -> str | None:
         if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
@@ -124,6 +169,83 @@ class StepPlan:
     @classmethod
     def single(cls, terms: Terms, batch_size: int = 1) -> StepPlan:
         return cls([terms] * batch_size)
+
+
+STACK_MIN_GROUPS = 3
+"""Fewer single-adapter groups than this in a layer: the per-group loop is as fast."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where the rows of stacked groups go in the padded (slots, rows, ·) block of one `RankStack`.
+
+    src: the tokens' rows in the flattened input; dest: their rows in the flattened block;
+    slots: the stack slots used, when only those are gathered (None: the whole stack); groups: the
+    indices (in `StepPlan.adapted`) of the groups this route serves.
+    """
+
+    src: torch.Tensor
+    dest: torch.Tensor
+    slots: torch.Tensor | None
+    blocks: int
+    rows: int
+    groups: frozenset[int]
+
+
+class RankStack:
+    """Plain LoRA factors of one rank on one layer, one slot per adapter, kept for batched products.
+
+    a: (capacity, d_in, r), b: (capacity, r, d_out) (scale folded in); `names[k]` is slot k's adapter or
+    None when free. Slots are filled in place on install; capacity doubles when full and halves when a
+    quarter is used, so unloading adapters gives the memory back.
+    """
+
+    def __init__(self, like: LoraWeights, capacity: int = 4) -> None:
+        self.a = like.a_t.new_zeros(capacity, *like.a_t.shape)
+        self.b = like.b_t.new_zeros(capacity, *like.b_t.shape)
+        self.names: tuple[str | None, ...] = (None,) * capacity
+        self.slot: dict[str, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+
+    def put(self, name: str, lw: LoraWeights) -> None:
+        if name in self.slot:
+            self.drop(name)
+        if len(self.slot) == len(self.names):
+            self._resize(2 * len(self.names))
+        k = self.names.index(None)
+        self.a[k].copy_(lw.a_t)
+        self.b[k].copy_(lw.b_t)
+        self.slot[name] = k
+        self.names = self.names[:k] + (name,) + self.names[k + 1:]
+
+    def drop(self, name: str) -> None:
+        k = self.slot.pop(name)
+        self.names = self.names[:k] + (None,) + self.names[k + 1:]
+        if 4 * len(self.slot) <= len(self.names) and len(self.names) > 4:
+            self._resize(max(4, len(self.names) // 2))
+
+    def _resize(self, capacity: int) -> None:
+        kept = [k for k, n in enumerate(self.names) if n is not None]
+        index = torch.tensor(kept, dtype=torch.long, device=self.a.device)
+        a = self.a.new_zeros(capacity, *self.a.shape[1:])
+        b = self.b.new_zeros(capacity, *self.b.shape[1:])
+        a[:len(kept)] = self.a.index_select(0, index)
+        b[:len(kept)] = self.b.index_select(0, index)
+        self.a, self.b = a, b
+        names = [self.names[k] for k in kept]
+        self.names = tuple(names) + (None,) * (capacity - len(kept))
+        self.slot = {n: k for k, n in enumerate(names)}
+
+    def delta(self, x2: torch.Tensor, y2: torch.Tensor, route: Route) -> None:
+        """y2[src] += (x2[src] @ A_slot) @ (sB)_slot for every routed token, as two batched products."""
+        a, b = (self.a, self.b) if route.slots is None else (self.a[route.slots], self.b[route.slots])
+        block = x2.new_zeros(route.blocks * route.rows, x2.shape[1], dtype=a.dtype)
+        block.index_copy_(0, route.dest, x2.index_select(0, route.src).to(a.dtype))
+        out = torch.bmm(torch.bmm(block.view(route.blocks, route.rows, -1), a), b)
+        y2.index_add_(0, route.src, out.view(-1, out.shape[-1]).index_select(0, route.dest).to(y2.dtype))
 
 
 class PlanContext:
@@ -145,6 +267,35 @@ class ServingModule(nn.Module):
         self.lora: dict[str, LoraWeights] = {}
         self.saved: dict[str, nn.Module] = {}
         self.shared: dict[str, SharedBasis] = {}     # compressed sets touching this layer, by set name
+        self.stacks: dict[int, RankStack] = {}       # plain LoRA factors by rank (`RankStack`)
+
+    def add_lora(self, name: str, lw: LoraWeights) -> None:
+        self.remove_lora(name)
+        self.lora[name] = lw
+        if lw.dora_ratio is None and self.kind != EMBEDDING:
+            stack = self.stacks.get(lw.rank)
+            if stack is None:
+                stack = self.stacks[lw.rank] = RankStack(lw)
+            stack.put(name, lw)
+            self._view_stack(stack)
+
+    def remove_lora(self, name: str) -> None:
+        lw = self.lora.pop(name, None)
+        stack = self.stacks.get(lw.rank) if lw is not None else None
+        if stack is not None and name in stack.slot:
+            stack.drop(name)
+            if not stack.slot:
+                del self.stacks[lw.rank]
+            self._view_stack(stack)
+
+    def _view_stack(self, stack: RankStack) -> None:
+        """Point the adapters' factors at their slots: one copy of them on the device, freed with the stack."""
+        for name, k in stack.slot.items():
+            self.lora[name] = LoraWeights(self.kind, stack.a[k], stack.b[k])
+
+    @property
+    def stack_bytes(self) -> int:
+        return sum(s.nbytes for s in self.stacks.values())
 
     @property
     def empty(self) -> bool:
@@ -173,7 +324,17 @@ class ServingModule(nn.Module):
                     delta = basis.delta_rows(x2[lo:hi].view(seg.stop - seg.start, per_row, -1).to(basis.v.dtype),
                                              seg.index)
                     y2[lo:hi] += delta.view(hi - lo, -1).to(y2.dtype)
-        for g in plan.adapted:
+        done: frozenset[int] | set[int] = frozenset()
+        if flat and plan.one_adapter and self.stacks:
+            done = set()
+            for stack in self.stacks.values():
+                route = plan.route(stack, per_row)
+                if route is not None:
+                    stack.delta(x2, y2, route)
+                    done |= route.groups
+        for i, g in enumerate(plan.adapted):
+            if i in done:
+                continue
             if len(g.terms) == 1 and g.terms[0][0] in self.saved:
                 out[g.start:g.stop] = self.saved[g.terms[0][0]](x[g.start:g.stop], *args, **kwargs)
                 continue
