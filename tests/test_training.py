@@ -12,7 +12,10 @@ import yaml
 from tiny import tiny_loaded
 
 from loraplex.cli.main import main
+from loraplex.core.config import LoraConfig
+from loraplex.core.model import attach
 from loraplex.data import DataError, collate, encode, task_split
+from loraplex.training import unpadded
 from loraplex.training.checkpoint import _join_state, _split_state
 from loraplex.training.loop import TrainConfig, TrainingInterrupted, completion_loss, lr_lambda, train
 
@@ -35,6 +38,38 @@ def test_completion_loss_equals_full_forward_on_supervised_tokens():
     reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
     assert n == int((labels != -100).sum())
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_unpadded_forward_gives_the_padded_loss_and_gradients():
+    """Real tokens as one row (attention per sequence) = the padded batch, loss and every gradient."""
+    loaded = tiny_loaded()
+    batch = collate([encode(loaded.tokenizer, ex, 512) for ex in task_split("dates", "train", 4)],
+                    loaded.tokenizer.pad_token_id)
+    assert not batch["attention_mask"].all()                    # rows of different lengths: padding to skip
+    wrapped = attach(loaded.model, LoraConfig(r=4, init="random", targets="all-linear"))
+    params = wrapped.trainable_parameters()
+
+    def loss_and_grads():
+        for p in params:
+            p.grad = None
+        loss, _ = completion_loss(loaded.model, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    layout = unpadded.Layout(batch["attention_mask"])
+    assert unpadded.usable(loaded.model, batch["attention_mask"])
+    assert unpadded.hidden_states(loaded.model, loaded.model.model, batch)[0].shape[0] == layout.index.numel()
+    loss, grads = loss_and_grads()
+    setattr(loaded.model, unpadded._UNSUPPORTED, True)          # the padded forward
+    ref_loss, ref_grads = loss_and_grads()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
+    # left padding, or an adapter that mixes neighbouring tokens: the padded forward
+    assert not unpadded.usable(tiny_loaded().model, batch["attention_mask"].flip(1))
+    conv = tiny_loaded()
+    attach(conv.model, LoraConfig(method="conv-lora", r=4, targets=["q_proj"]))
+    assert not unpadded.usable(conv.model, batch["attention_mask"])
 
 
 def test_lr_schedule_warms_up_then_decays():

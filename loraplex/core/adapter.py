@@ -86,6 +86,9 @@ class Adapter(nn.Module):
     method: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True
     kinds: ClassVar[tuple[str, ...]] = (LINEAR, GPT2_CONV1D)
+    # each token's output depends on that token alone (False: the adapter mixes neighbouring tokens, so the
+    # training loop keeps the padded (batch, length) layout instead of running the real tokens as one row)
+    token_wise: ClassVar[bool] = True
 
     peft_type: ClassVar[str] = "LORA"   # PEFT's name for the method, for files PEFT can read
 

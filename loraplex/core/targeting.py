@@ -105,6 +105,9 @@ def _closest_hint(targets: Any, modules: dict[str, nn.Module]) -> str:
         close += difflib.get_close_matches(w, list(modules), n=3, cutoff=0.5)
     adaptable = sorted({p.rsplit(".", 1)[-1] for p, m in modules.items() if layer_kind(m)})
     hint = f" Closest module names: {', '.join(dict.fromkeys(close))}." if close else ""
+    if isinstance(targets, str) and any(_matches_name(p, targets) for p in modules):
+        hint = (f" A string is a regular expression matched against the whole module path (as in PEFT); to "
+                f"select modules by name pass a list, e.g. [{targets!r}], or a pattern such as '.*{targets}'.")
     return hint + f" Adaptable layer names in this model: {', '.join(adaptable[:20])}."
 
 

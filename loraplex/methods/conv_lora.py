@@ -90,6 +90,7 @@ class ConvLoraAdapter(Adapter):
     paper = ("Zhong, Tang, He, Fang, Yuan 2024, Convolution Meets LoRA: Parameter Efficient Finetuning for "
              "Segment Anything Model (arXiv 2401.17868)")
     serving_form = "unmergeable"
+    token_wise = False       # the convolutions and the routing see neighbouring tokens
     mergeable = False
     peft_type = "CONV_LORA"  # not in PEFT: a distinct type so PEFT refuses the file instead of misreading it
     kinds = (LINEAR, GPT2_CONV1D)

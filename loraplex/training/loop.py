@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from loraplex.core.config import LoraConfig
 from loraplex.core.io import atomic_write_files
 from loraplex.core.model import attach
+from loraplex.training import unpadded
 from loraplex.training.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from loraplex.training.recipes import make_recipe
 from loraplex.training.recipes.full import FullParameterModel
@@ -102,13 +103,23 @@ class TrainingInterrupted(RuntimeError):
 
 # --- the loss ---
 def completion_loss(hf_model, batch: dict[str, torch.Tensor], chunk: int = 1024) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over supervised tokens; the output head runs only at those positions."""
+    """Mean cross-entropy over supervised tokens; the output head runs only at those positions, and
+    the body only on real tokens where it can (`unpadded`: right-padded batches of transformers models)."""
     body = getattr(hf_model, hf_model.base_model_prefix)
     head = hf_model.get_output_embeddings()
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    states, targets = hidden[:, :-1][mask], targets[mask]
+    real = unpadded.hidden_states(hf_model, body, batch)
+    if real is None:
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = hidden[:, :-1][mask]
+    else:   # position (b, j) is row `row_of[b·L + j]` of the real tokens
+        hidden, layout = real
+        row_of = torch.full((layout.batch * layout.length,), -1, dtype=torch.long, device=hidden.device)
+        row_of[layout.index] = torch.arange(layout.index.numel(), device=hidden.device)
+        supervised = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
+        states = hidden.index_select(0, row_of[supervised])
+    targets = targets[mask]
     n = targets.numel()
     if n == 0:
         raise ValueError("a batch has no supervised tokens (every completion is empty or truncated away)")
