@@ -11,6 +11,8 @@ each also relative to plain LoRA.
     .venv/bin/python benchmarks/recipes.py --recipes lora-plus,lora-fa --steps 40
     .venv/bin/python benchmarks/recipes.py --tiny --steps 4         # smoke run on a tiny random model
     .venv/bin/python benchmarks/recipes.py --markdown docs/recipes.md
+
+A name `recipe:policy` runs that policy of the adaptive-rank allocator (`all` includes each policy).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import tempfile
 from pathlib import Path
 
 PLAIN = "plain"
+# recipes measured once per policy ("adaptive-rank" alone is its default policy, ALoRA)
+VARIANTS = {"adaptive-rank": ["adaptive-rank", "adaptive-rank:increlora", "adaptive-rank:prilora",
+                              "adaptive-rank:dynamic-rank-dora"]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -42,9 +47,11 @@ def child(args: argparse.Namespace) -> None:
         from loraplex.models import load_model
 
         loaded = load_model(args.model)
-    recipe = None if args.child == PLAIN else args.child
+    recipe, _, policy = args.child.partition(":")            # "adaptive-rank:increlora": that policy
+    recipe = None if recipe == PLAIN else recipe
     options = json.loads(args.options) if args.options else {}
-    cfg = TrainConfig(model=args.model, recipe=recipe, recipe_options=options.get(args.child, {}), steps=args.steps,
+    recipe_options = {**({"policy": policy} if policy else {}), **options.get(args.child, {})}
+    cfg = TrainConfig(model=args.model, recipe=recipe, recipe_options=recipe_options, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, r=args.r, alpha=2.0 * args.r, eval_every=args.eval_every,
                       eval_samples=args.eval_samples, train_samples=args.train_samples, output=args.output,
                       overwrite=True, base_eval=False, checkpoint_every=0, seed=args.seed)
@@ -130,8 +137,9 @@ def main() -> None:
         return
     from loraplex.training.recipes import available
 
-    names = sorted(available()) if args.recipes == "all" else [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(available()))
+    names = ([v for n in sorted(available()) for v in VARIANTS.get(n, [n])] if args.recipes == "all"
+             else [n.strip() for n in args.recipes.split(",") if n.strip()])
+    unknown = sorted({n.partition(":")[0] for n in names} - set(available()))
     if unknown:
         p.error(f"unknown recipe(s) {', '.join(unknown)}; available: {', '.join(sorted(available()))}")
     results: dict[str, dict] = {}
