@@ -15,10 +15,12 @@ each layer also keeps its plain LoRA factors stacked by rank, one slot per adapt
 A (slots, d_in, r), sB (slots, r, d_out)), and serves all single-adapter groups of a step with two
 batched products: the groups' tokens are copied into a zero-padded (slots, rows, d_in) block at their
 adapter's slot, `torch.bmm` shrinks and expands, and the results are added back to their rows
-(`Route`, computed once per step for every layer with the same slots). Still no `B A`, and each slot
-keeps its own rank; groups much larger than the rest stay on the per-group path. DoRA rows are rescaled by the adapter's
-precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are recomputed by the adapter's own copy of
-the module.
+(`Route`, computed once per step for every layer with the same slots). Still no `B A`, and each rank
+has its own stack (no padding to the largest rank); groups much larger than the rest stay on the
+per-group path.
+
+DoRA rows are rescaled by the adapter's precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are
+recomputed by the adapter's own copy of the module.
 
 Members of a compressed set (`compress.py`, ΔW_i ≈ U Σ_i Vᵀ) sit next to each other in the batch, so
 the plan covers all their rows with one segment: y += ((x V) Σ_iᵀ) Uᵀ, two GEMMs for the segment and a
@@ -127,7 +129,7 @@ class StepPlan:
         self.device = device
         # groups served by one adapter at weight 1 (candidates for the stacked path), by adapter name
         self.one_adapter = {g.terms[0][0]: i for i, g in enumerate(self.adapted)
-                       if len(g.terms) == 1 and g.terms[0][1] == 1.0 and g.terms[0][0] not in self.members}
+                            if len(g.terms) == 1 and g.terms[0][1] == 1.0 and g.terms[0][0] not in self.members}
         self._routes: dict[tuple, Route | None] = {}
 
     def route(self, stack: RankStack, per_row: int) -> Route | None:
@@ -159,7 +161,6 @@ class StepPlan:
         return Route(torch.cat(src).to(self.device), torch.cat(dest).to(self.device),
                      None if whole else torch.tensor(used, device=self.device),
                      len(stack.names) if whole else len(used), rows, frozenset(i for _, _, i in chosen))
-
 
     def _set_of(self, terms: Terms) -> str | None:
         if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
