@@ -239,6 +239,8 @@ def test_stacked_path_serves_single_adapter_groups_with_two_batched_products():
 
 
 def test_stack_slots_are_reused_and_unloading_gives_the_memory_back():
+    one, _, _ = stacked_layer({"s0": 4})
+    assert one.stack_bytes == 4 * (6 + 5) * 4                # one adapter: no spare slots (fp32 A and sB)
     layer, ctx, factors = stacked_layer({f"s{i}": 4 for i in range(16)})
     full = layer.stack_bytes
     assert len(layer.stacks[4].names) == 16

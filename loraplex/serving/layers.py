@@ -201,7 +201,7 @@ class RankStack:
     quarter is used, so unloading adapters gives the memory back.
     """
 
-    def __init__(self, like: LoraWeights, capacity: int = 4) -> None:
+    def __init__(self, like: LoraWeights, capacity: int = 1) -> None:
         self.a = like.a_t.new_zeros(capacity, *like.a_t.shape)
         self.b = like.b_t.new_zeros(capacity, *like.b_t.shape)
         self.names: tuple[str | None, ...] = (None,) * capacity
@@ -225,8 +225,8 @@ class RankStack:
     def drop(self, name: str) -> None:
         k = self.slot.pop(name)
         self.names = self.names[:k] + (None,) + self.names[k + 1:]
-        if 4 * len(self.slot) <= len(self.names) and len(self.names) > 4:
-            self._resize(max(4, len(self.names) // 2))
+        if 4 * len(self.slot) <= len(self.names) and len(self.names) > 1:
+            self._resize(max(1, len(self.names) // 2))
 
     def _resize(self, capacity: int) -> None:
         kept = [k for k, n in enumerate(self.names) if n is not None]
