@@ -180,6 +180,11 @@ def write_markdown(args: argparse.Namespace, results: dict[str, dict]) -> None:
         f"seed {args.seed}, {args.threads} threads, held-out exact match on {args.eval_samples} examples every "
         f"{args.eval_every} steps. Peak memory is the max RSS of the run's own process; step time the median.", "",
         "Produced by:", "", "```", command, "```", "", *lines, "",
+        "The exact-match columns are deterministic for the seed; step time and peak RSS swing with the machine's "
+        "load (other jobs on a 2-core machine: about ±20 %). Short budgets favour recipes without schedules: "
+        "those that anneal, freeze or select over a long run may not have finished. Rows `adaptive-rank:POLICY` "
+        "are the rank allocator's policies (`adaptive-rank` alone is ALoRA). GaLore against `galore-torch`: "
+        "`docs/benchmarks.md`.", "",
     ]
     write_atomic(Path(args.markdown), "\n".join(text))
 

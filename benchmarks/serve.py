@@ -58,6 +58,15 @@ from loraplex.serving.adapters import base_modules, read_adapter, release_freed_
 from loraplex.serving.compress import compress  # noqa: E402
 
 
+def read_rate_gb_s(megabytes: int = 512) -> float:
+    """Memory read rate of this process (a sum over a fresh fp32 buffer): what bounds reading adapter factors."""
+    buf = torch.ones(megabytes * 2**20 // 4)
+    buf.sum()
+    start = time.perf_counter()
+    buf.sum()
+    return buf.numel() * 4 / (time.perf_counter() - start) / 1e9
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -226,7 +235,7 @@ def main() -> int:
     print(f"# serving throughput: {args.model}, {n_req} requests x {tokens} new tokens, prompts ~{plen} tokens, "
           f"LoRA r={args.rank} on {args.targets}, fp32")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
-          f", {reps} round(s) per setting\n")
+          f", {reps} round(s) per setting; memory read rate {read_rate_gb_s():.1f} GB/s\n")
     workdir = tempfile.TemporaryDirectory(prefix="loraplex-serve-bench-")
     tmp = Path(workdir.name)
     start = time.perf_counter()

@@ -212,8 +212,6 @@ class RankStack:
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
     def put(self, name: str, lw: LoraWeights) -> None:
-        if name in self.slot:
-            self.drop(name)
         if len(self.slot) == len(self.names):
             self._resize(2 * len(self.names))
         k = self.names.index(None)

@@ -113,12 +113,9 @@ def completion_loss(hf_model, batch: dict[str, torch.Tensor], chunk: int = 1024)
     if real is None:
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         states = hidden[:, :-1][mask]
-    else:   # position (b, j) is row `row_of[b·L + j]` of the real tokens
+    else:
         hidden, layout = real
-        row_of = torch.full((layout.batch * layout.length,), -1, dtype=torch.long, device=hidden.device)
-        row_of[layout.index] = torch.arange(layout.index.numel(), device=hidden.device)
-        supervised = F.pad(mask, (0, 1)).flatten().nonzero().squeeze(1)
-        states = hidden.index_select(0, row_of[supervised])
+        states = hidden.index_select(0, layout.rows_at(F.pad(mask, (0, 1))))   # the same positions, in order
     targets = targets[mask]
     n = targets.numel()
     if n == 0:

@@ -47,6 +47,12 @@ class Layout:
         steps = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         return bool(torch.equal(attention_mask.bool(), steps[None, :] < lengths))
 
+    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows (in the T real tokens) of the padded positions where `positions` (B, L) is True (all real)."""
+        row_of = torch.full((self.batch * self.length,), -1, dtype=torch.long, device=self.index.device)
+        row_of[self.index] = torch.arange(self.index.numel(), device=self.index.device)
+        return row_of[positions.flatten().nonzero().squeeze(1)]
+
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """(1, heads, T, d) -> (B, heads, L, d), zeros at the padding."""
         heads, d = t.shape[1], t.shape[3]
