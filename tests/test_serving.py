@@ -238,6 +238,19 @@ def test_stacked_path_serves_single_adapter_groups_with_two_batched_products():
     assert plan.route(layer.stacks[3], 1) is None                          # one group: per-group path
 
 
+def test_stacked_route_reads_rows_in_place_when_every_slot_has_one_equal_group():
+    layer, ctx, factors = stacked_layer({f"s{i}": 2 for i in range(4)})     # capacity 4, every slot used
+    one = lambda n: ((n, 1.0),)  # noqa: E731
+    plan = check_rows(layer, ctx, factors, [(), one("s0"), one("s1"), one("s2"), one("s3")])
+    route = plan.route(layer.stacks[2], 2)
+    assert route.span == (2, 10) and route.src is None                     # slot order: a view, no copies
+    plan = check_rows(layer, ctx, factors, [one("s2"), one("s0"), one("s3"), one("s1"), ()])
+    route = plan.route(layer.stacks[2], 2)
+    assert route.span is None and route.dest is None and route.src.tolist() == [2, 3, 6, 7, 0, 1, 4, 5]
+    plan = check_rows(layer, ctx, factors, [one("s0"), one("s0"), one("s1"), one("s2"), one("s3")])
+    assert plan.route(layer.stacks[2], 2).dest is not None                 # unequal groups: padded block
+
+
 def test_stack_slots_are_reused_and_unloading_gives_the_memory_back():
     one, _, _ = stacked_layer({"s0": 4})
     assert one.stack_bytes == 4 * (6 + 5) * 4                # one adapter: no spare slots (fp32 A and sB)

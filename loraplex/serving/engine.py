@@ -189,10 +189,6 @@ class _Seq:
     released: bool = False
     waiting_since: float = 0.0
 
-    @property
-    def key(self) -> tuple:
-        return (self.handle.group, self.handle.terms, self.order)
-
 
 @dataclass
 class _Active:
@@ -332,6 +328,8 @@ class Engine:
         self.pool = AdapterPool(self.served.modules, self.dtype, max_cached=max_cached, on_change=self._wake)
         self._waiting: deque[_Seq] = deque()
         self._order = itertools.count()
+        self._installs = itertools.count()
+        self._installed_at: dict[str, int] = {}     # adapter -> when it was installed (its stack slot order)
         self._active: OrderedDict[str, _Active] = OrderedDict()   # LRU: least recently used first
         self._refs: Counter[str] = Counter()
         # compressed sets: name -> set; member adapter -> (set, index); sets installed / being removed
@@ -813,11 +811,13 @@ class Engine:
                 self._maybe_load(name)
                 return False
             self._active[name] = self.served.install(host)
+            self._installed_at[name] = next(self._installs)
             self.counters["adapter_activations"] += 1
         return True
 
     def _deactivate(self, name: str) -> None:
         active = self._active.pop(name)
+        self._installed_at.pop(name, None)
         self.served.uninstall(name, active)
         self.pool.set_pinned(set(self._active))
         with self._deactivated:
@@ -843,7 +843,7 @@ class Engine:
 
         Returns the prefill's KV cache, whose rows `_join` copies into the running batch.
         """
-        seqs.sort(key=lambda s: s.key)
+        seqs.sort(key=self._row_key)
         lengths = [len(s.handle.prompt_ids) for s in seqs]
         width = max(lengths)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -869,7 +869,7 @@ class Engine:
 
     def _join(self, joining: list[_Seq], prefill_cache) -> None:
         rows = self.rows + joining
-        rows.sort(key=lambda s: s.key)
+        rows.sort(key=self._row_key)
         length = max([self.length if self.rows else 0] + [s.n_real for s in joining])
         old_index = {id(s): i for i, s in enumerate(self.rows)}
         parts = [(self.cache, old_index[id(s)]) if id(s) in old_index else (prefill_cache, s.cache_row)
@@ -910,6 +910,12 @@ class Engine:
         self.rows = [self.rows[i] for i in keep]
         self.length = length
         self.plan = self._plan(self.rows)
+
+    def _row_key(self, seq: _Seq) -> tuple:
+        """Rows sort by adapter, in the order adapters were installed: that is their slot order in the
+        layers' stacks (`RankStack`) unless slots were reused, so each stack reads its rows in place."""
+        h = seq.handle
+        return (h.group, tuple(self._installed_at.get(n, -1) for n, _ in h.terms), h.terms, seq.order)
 
     def _plan(self, rows: list[_Seq]) -> StepPlan:
         return StepPlan([s.handle.terms for s in rows], self._members, self.device)

@@ -146,21 +146,26 @@ class StepPlan:
         sizes = [(g.stop - g.start) * per_row for _, g, _ in chosen]
         # Pad every slot to twice the mean group size at most; larger groups keep their own products.
         cap = max(1, 2 * -(-sum(sizes) // len(sizes)))
-        chosen = [c for c, n in zip(chosen, sizes) if n <= cap]
+        chosen = sorted(c for c, n in zip(chosen, sizes) if n <= cap)       # in slot order
         if len(chosen) < STACK_MIN_GROUPS:
             return None
-        rows = max((g.stop - g.start) * per_row for _, g, _ in chosen)
-        used = sorted({slot for slot, _, _ in chosen})
+        sizes = [(g.stop - g.start) * per_row for _, g, _ in chosen]
+        rows = max(sizes)
+        groups = frozenset(i for _, _, i in chosen)
+        src = torch.cat([torch.arange(g.start * per_row, g.stop * per_row) for _, g, _ in chosen])
+        if min(sizes) == rows and len(chosen) == len(stack.names):
+            # Every slot holds one group of `rows` tokens: the gathered tokens are the block, no padding.
+            lo = int(src[0])
+            if bool((src == torch.arange(lo, lo + len(src))).all()):
+                return Route(None, None, None, len(chosen), rows, groups, span=(lo, lo + len(src)))
+            return Route(src.to(self.device), None, None, len(chosen), rows, groups)
+        used = [slot for slot, _, _ in chosen]
         whole = 2 * len(used) >= len(stack.names)      # most slots are used: no gather of the factors
         block_of = {slot: (slot if whole else k) for k, slot in enumerate(used)}
-        src, dest = [], []
-        for slot, g, _ in chosen:
-            n = (g.stop - g.start) * per_row
-            src.append(torch.arange(g.start * per_row, g.start * per_row + n))
-            dest.append(torch.arange(n) + block_of[slot] * rows)
-        return Route(torch.cat(src).to(self.device), torch.cat(dest).to(self.device),
+        dest = torch.cat([torch.arange(n) + block_of[slot] * rows for (slot, _, _), n in zip(chosen, sizes)])
+        return Route(src.to(self.device), dest.to(self.device),
                      None if whole else torch.tensor(used, device=self.device),
-                     len(stack.names) if whole else len(used), rows, frozenset(i for _, _, i in chosen))
+                     len(stack.names) if whole else len(used), rows, groups)
 
     def _set_of(self, terms: Terms) -> str | None:
         if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
@@ -178,19 +183,22 @@ STACK_MIN_GROUPS = 3
 
 @dataclass(frozen=True)
 class Route:
-    """Where the rows of stacked groups go in the padded (slots, rows, ·) block of one `RankStack`.
+    """Where the rows of stacked groups go in the (blocks, rows, ·) block of one `RankStack`.
 
-    src: the tokens' rows in the flattened input; dest: their rows in the flattened block;
-    slots: the stack slots used, when only those are gathered (None: the whole stack); groups: the
-    indices (in `StepPlan.adapted`) of the groups this route serves.
+    src: the tokens' rows in the flattened input, in block order; dest: their rows in the flattened,
+    zero-padded block, or None when the block needs no padding (every slot has one group of `rows`
+    tokens); span: (lo, hi) when moreover src is lo..hi-1, so the block is a view of the input and the
+    products write straight into the output. slots: the stack slots used, when only those are gathered
+    (None: the whole stack); groups: the indices (in `StepPlan.adapted`) of the groups this route serves.
     """
 
-    src: torch.Tensor
-    dest: torch.Tensor
+    src: torch.Tensor | None
+    dest: torch.Tensor | None
     slots: torch.Tensor | None
     blocks: int
     rows: int
     groups: frozenset[int]
+    span: tuple[int, int] | None = None
 
 
 class RankStack:
@@ -241,10 +249,24 @@ class RankStack:
     def delta(self, x2: torch.Tensor, y2: torch.Tensor, route: Route) -> None:
         """y2[src] += (x2[src] @ A_slot) @ (sB)_slot for every routed token, as two batched products."""
         a, b = (self.a, self.b) if route.slots is None else (self.a[route.slots], self.b[route.slots])
-        block = x2.new_zeros(route.blocks * route.rows, x2.shape[1], dtype=a.dtype)
-        block.index_copy_(0, route.dest, x2.index_select(0, route.src).to(a.dtype))
-        out = torch.bmm(torch.bmm(block.view(route.blocks, route.rows, -1), a), b)
-        y2.index_add_(0, route.src, out.view(-1, out.shape[-1]).index_select(0, route.dest).to(y2.dtype))
+        shape = (route.blocks, route.rows, -1)
+        if route.span is not None:          # the block is a slice of the input: no copy in or out
+            lo, hi = route.span
+            h = torch.bmm(x2[lo:hi].view(shape).to(a.dtype), a)
+            if y2.dtype == b.dtype:
+                y2[lo:hi].view(shape).baddbmm_(h, b)
+            else:
+                y2[lo:hi] += torch.bmm(h, b).view(hi - lo, -1).to(y2.dtype)
+            return
+        if route.dest is None:
+            block = x2.index_select(0, route.src).to(a.dtype)
+        else:
+            block = x2.new_zeros(route.blocks * route.rows, x2.shape[1], dtype=a.dtype)
+            block.index_copy_(0, route.dest, x2.index_select(0, route.src).to(a.dtype))
+        out = torch.bmm(torch.bmm(block.view(shape), a), b).view(-1, b.shape[-1])
+        if route.dest is not None:
+            out = out.index_select(0, route.dest)
+        y2.index_add_(0, route.src, out.to(y2.dtype))
 
 
 class PlanContext:
