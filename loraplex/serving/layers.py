@@ -29,6 +29,7 @@ batched R x R product per row, however many distinct members the segment holds.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -152,20 +153,23 @@ class StepPlan:
         sizes = [(g.stop - g.start) * per_row for _, g, _ in chosen]
         rows = max(sizes)
         groups = frozenset(i for _, _, i in chosen)
+        # (start, stop, slot) of every group, in tokens: what the Triton kernel reads (CUDA)
+        segments = torch.tensor([[g.start * per_row, g.stop * per_row, slot] for slot, g, _ in chosen],
+                                dtype=torch.int32, device=self.device)
         src = torch.cat([torch.arange(g.start * per_row, g.stop * per_row) for _, g, _ in chosen])
         if min(sizes) == rows and len(chosen) == len(stack.names):
             # Every slot holds one group of `rows` tokens: the gathered tokens are the block, no padding.
             lo = int(src[0])
             if bool((src == torch.arange(lo, lo + len(src))).all()):
-                return Route(None, None, None, len(chosen), rows, groups, span=(lo, lo + len(src)))
-            return Route(src.to(self.device), None, None, len(chosen), rows, groups)
+                return Route(None, None, None, len(chosen), rows, groups, segments, span=(lo, lo + len(src)))
+            return Route(src.to(self.device), None, None, len(chosen), rows, groups, segments)
         used = [slot for slot, _, _ in chosen]
         whole = 2 * len(used) >= len(stack.names)      # most slots are used: no gather of the factors
         block_of = {slot: (slot if whole else k) for k, slot in enumerate(used)}
         dest = torch.cat([torch.arange(n) + block_of[slot] * rows for (slot, _, _), n in zip(chosen, sizes)])
         return Route(src.to(self.device), dest.to(self.device),
                      None if whole else torch.tensor(used, device=self.device),
-                     len(stack.names) if whole else len(used), rows, groups)
+                     len(stack.names) if whole else len(used), rows, groups, segments)
 
     def _set_of(self, terms: Terms) -> str | None:
         if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
@@ -189,7 +193,8 @@ class Route:
     zero-padded block, or None when the block needs no padding (every slot has one group of `rows`
     tokens); span: (lo, hi) when moreover src is lo..hi-1, so the block is a view of the input and the
     products write straight into the output. slots: the stack slots used, when only those are gathered
-    (None: the whole stack); groups: the indices (in `StepPlan.adapted`) of the groups this route serves.
+    (None: the whole stack); groups: the indices (in `StepPlan.adapted`) of the groups this route serves;
+    segments: (start, stop, slot) of each group in tokens, read by the Triton kernel instead of all the above.
     """
 
     src: torch.Tensor | None
@@ -198,6 +203,7 @@ class Route:
     blocks: int
     rows: int
     groups: frozenset[int]
+    segments: torch.Tensor
     span: tuple[int, int] | None = None
 
 
@@ -247,7 +253,15 @@ class RankStack:
         self.slot = {n: k for k, n in enumerate(names)}
 
     def delta(self, x2: torch.Tensor, y2: torch.Tensor, route: Route) -> None:
-        """y2[src] += (x2[src] @ A_slot) @ (sB)_slot for every routed token, as two batched products."""
+        """y2[src] += (x2[src] @ A_slot) @ (sB)_slot for every routed token, as two batched products
+        (or two launches of the segmented Triton kernel on CUDA)."""
+        if x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":      # import Triton only where it may serve
+            from loraplex.serving import triton_kernels
+
+            if triton_kernels.available(x2):
+                h = triton_kernels.segment_matmul(x2, self.a, route.segments, route.rows)
+                triton_kernels.segment_matmul(h, self.b, route.segments, route.rows, out=y2)
+                return
         a, b = (self.a, self.b) if route.slots is None else (self.a[route.slots], self.b[route.slots])
         shape = (route.blocks, route.rows, -1)
         if route.span is not None:          # the block is a slice of the input: no copy in or out
