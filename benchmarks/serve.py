@@ -6,7 +6,11 @@ one batch per adapter in turn (SmolLM2-135M, fp32, CPU).
     .venv/bin/python benchmarks/serve.py --adapters 64 --disk 1024   # + 1024 adapters on disk (paging, compressed)
 
 Every system serves the same requests (the same prompts, request i on adapter i mod n), greedy, exactly
-`--tokens` new tokens each (EOS ignored), and is timed from submission to the last token:
+`--tokens` new tokens each (EOS ignored), and is timed from submission to the last token. With
+`--spread S` the requests want different numbers of new tokens, spread evenly over tokens ± S (real
+traffic): the engines drop a finished row from the batch, Hugging Face `generate` runs each batch to
+its longest row and the extra tokens are cut (what static batching costs); throughput counts only
+the tokens the requests asked for.
 
   base-engine  our engine, every request on the bare base model (no adapter installed)
   base-hf      Hugging Face `generate` on the bare base, all requests in one left-padded batch
@@ -145,6 +149,15 @@ def compressed_engine(base, tok, paths: list[Path], rank: int, folder: Path, ite
     return engine, seconds
 
 
+def wanted_lengths(n: int, tokens: int, spread: int) -> list[int]:
+    """New tokens per request: `tokens` each, or spread evenly over tokens ± spread in a fixed shuffled order."""
+    if spread <= 0:
+        return [tokens] * n
+    steps = [tokens - spread + (2 * spread * i) // max(1, n - 1) for i in range(n)]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    return [max(1, steps[k]) for k in order]
+
+
 def prompts_for(tok, n: int, length: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     special = set(tok.all_special_ids)
@@ -157,10 +170,12 @@ def prompts_for(tok, n: int, length: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
-def hf_generate(model, prompts: list[list[int]], tokens: int, pad_id: int, **kw) -> int:
-    """Hugging Face `generate`, greedy, exactly `tokens` new tokens per row: EOS is switched off in the
-    generation config (not forced away with `min_new_tokens`, whose per-step pass over the logits
-    would be an overhead no real user pays)."""
+def hf_generate(model, prompts: list[list[int]], lengths: list[int], pad_id: int, **kw) -> int:
+    """Hugging Face `generate`, greedy, one batch run to the longest of `lengths` (each row's wanted new
+    tokens; a row's extra tokens are computed and cut, which is what static batching costs): returns
+    the wanted tokens. EOS is switched off in the generation config (not forced away with
+    `min_new_tokens`, whose per-step pass over the logits would be an overhead no real user pays)."""
+    tokens = max(lengths)
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -173,7 +188,7 @@ def hf_generate(model, prompts: list[list[int]], tokens: int, pad_id: int, **kw)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **kw)
     assert out.shape[1] - width == tokens, "generate stopped early"
-    return (out.shape[1] - width) * len(prompts)
+    return sum(lengths)
 
 
 def interleaved(fns: dict[str, Callable[[], int]], reps: int) -> dict[str, list[float]]:
@@ -203,6 +218,8 @@ def main() -> int:
     ap.add_argument("--adapters", default=None, help="comma-separated adapter counts (default 1,8,64)")
     ap.add_argument("--requests", type=int, default=None, help="requests per setting (default 64)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per request (default 32)")
+    ap.add_argument("--spread", type=int, default=0,
+                    help="new tokens vary by up to ± this much between requests (mean --tokens; default 0)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--reps", type=int, default=None, help="timed rounds per setting (default 3)")
@@ -239,7 +256,8 @@ def main() -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompts = prompts_for(tok, n_req, plen)
     targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
-    print(f"# serving throughput: {args.model}, {n_req} requests x {tokens} new tokens, prompts ~{plen} tokens, "
+    each = f"{tokens} ± {args.spread}" if args.spread else f"{tokens}"
+    print(f"# serving throughput: {args.model}, {n_req} requests x {each} new tokens, prompts ~{plen} tokens, "
           f"LoRA r={args.rank} on {args.targets}, fp32")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
           f", {reps} round(s) per setting; memory read rate {read_rate_gb_s():.1f} GB/s\n")
@@ -248,7 +266,8 @@ def main() -> int:
     start = time.perf_counter()
     paths = make_adapters(base, max(counts), args.rank, tmp, targets) if counts else []
     print(f"  ({len(paths)} adapters written in {time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    lengths = wanted_lengths(n_req, tokens, args.spread)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in lengths]
 
     peft_model = None
     if not args.skip_peft and counts:
@@ -276,18 +295,18 @@ def main() -> int:
 
         fns: dict[str, Callable[[], int]] = {
             "base-engine": lambda: sum(c.completion_tokens for c in engine_base.generate(prompts, None, params)),
-            "base-hf": lambda: hf_generate(base, prompts, tokens, pad),
+            "base-hf": lambda: hf_generate(base, prompts, lengths, pad),
             "loraplex": run_engine,
         }
         if peft_model is not None:
-            fns["peft-mixed"] = lambda names=names: hf_generate(peft_model, prompts, tokens, pad, adapter_names=names)
+            fns["peft-mixed"] = lambda names=names: hf_generate(peft_model, prompts, lengths, pad, adapter_names=names)
 
             def turn(names=names, n=n):
                 total = 0
                 for a in range(n):
                     peft_model.set_adapter(f"a{a}")
-                    mine = [p for p, nm in zip(prompts, names) if nm == f"a{a}"]
-                    total += hf_generate(peft_model, mine, tokens, pad)
+                    mine = [i for i, nm in enumerate(names) if nm == f"a{a}"]
+                    total += hf_generate(peft_model, [prompts[i] for i in mine], [lengths[i] for i in mine], pad)
                 return total
 
             if not args.skip_peft_turn:
