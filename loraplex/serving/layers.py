@@ -13,11 +13,13 @@ Many small groups (decode steps: one token per request, dozens of adapters) woul
 products per group per layer, and on CPU each call's fixed overhead then outweighs its arithmetic. So
 each layer also keeps its plain LoRA factors stacked by rank, one slot per adapter (`RankStack`:
 A (slots, d_in, r), sB (slots, r, d_out)), and serves all single-adapter groups of a step with two
-batched products: the groups' tokens are copied into a zero-padded (slots, rows, d_in) block at their
-adapter's slot, `torch.bmm` shrinks and expands, and the results are added back to their rows
-(`Route`, computed once per step for every layer with the same slots). Still no `B A`, and each rank
-has its own stack (no padding to the largest rank); groups much larger than the rest stay on the
-per-group path.
+batched products over a (slots, rows, d_in) block (`Route`, computed once per step for every layer
+with the same slots). When every slot has one group of the same size, in slot order (the engine orders
+rows by install order, which is slot order), the block is a view of the input and the expand adds
+straight into the output; otherwise the tokens are gathered into it (zero-padded when sizes differ)
+and added back. Still no `B A`, and each rank has its own stack (no padding to the largest rank);
+groups much larger than the rest stay on the per-group path. On CUDA, a Triton kernel
+(`triton_kernels.py`) does both products per segment instead, reading the slots in place.
 
 DoRA rows are rescaled by the adapter's precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are
 recomputed by the adapter's own copy of the module.
