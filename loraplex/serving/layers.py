@@ -227,20 +227,26 @@ class RankStack:
     def nbytes(self) -> int:
         return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
-    def put(self, name: str, lw: LoraWeights) -> None:
-        if len(self.slot) == len(self.names):
+    def put(self, name: str, lw: LoraWeights) -> bool:
+        """Install `name` in a free slot; True when the stack was reallocated (every slot moved)."""
+        resized = len(self.slot) == len(self.names)
+        if resized:
             self._resize(2 * len(self.names))
         k = self.names.index(None)
         self.a[k].copy_(lw.a_t)
         self.b[k].copy_(lw.b_t)
         self.slot[name] = k
         self.names = self.names[:k] + (name,) + self.names[k + 1:]
+        return resized
 
-    def drop(self, name: str) -> None:
+    def drop(self, name: str) -> bool:
+        """Free `name`'s slot; True when the stack was reallocated (every slot moved)."""
         k = self.slot.pop(name)
         self.names = self.names[:k] + (None,) + self.names[k + 1:]
-        if 4 * len(self.slot) <= len(self.names) and len(self.names) > 1:
+        resized = 4 * len(self.slot) <= len(self.names) and len(self.names) > 1
+        if resized:
             self._resize(max(1, len(self.names) // 2))
+        return resized
 
     def _resize(self, capacity: int) -> None:
         kept = [k for k, n in enumerate(self.names) if n is not None]
@@ -313,21 +319,22 @@ class ServingModule(nn.Module):
             stack = self.stacks.get(lw.rank)
             if stack is None:
                 stack = self.stacks[lw.rank] = RankStack(lw)
-            stack.put(name, lw)
-            self._view_stack(stack)
+            moved = stack.put(name, lw)
+            self._view_stack(stack, None if moved else name)
 
     def remove_lora(self, name: str) -> None:
         lw = self.lora.pop(name, None)
         stack = self.stacks.get(lw.rank) if lw is not None else None
         if stack is not None and name in stack.slot:
-            stack.drop(name)
+            if stack.drop(name):
+                self._view_stack(stack)
             if not stack.slot:
                 del self.stacks[lw.rank]
-            self._view_stack(stack)
 
-    def _view_stack(self, stack: RankStack) -> None:
-        """Point the adapters' factors at their slots: one copy of them on the device, freed with the stack."""
-        for name, k in stack.slot.items():
+    def _view_stack(self, stack: RankStack, only: str | None = None) -> None:
+        """Point the adapters' factors (or just `only`'s) at their slots: one copy of them on the device,
+        freed with the stack."""
+        for name, k in ([(only, stack.slot[only])] if only is not None else stack.slot.items()):
             self.lora[name] = LoraWeights(self.kind, stack.a[k], stack.b[k])
 
     @property
