@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.core.adapter import EMBEDDING
+from loraplex.serving import cpu_kernels
 
 if TYPE_CHECKING:
     from loraplex.serving.compress import SharedBasis
@@ -159,19 +160,19 @@ class StepPlan:
         segments = torch.tensor([[g.start * per_row, g.stop * per_row, slot] for slot, g, _ in chosen],
                                 dtype=torch.int32, device=self.device)
         src = torch.cat([torch.arange(g.start * per_row, g.stop * per_row) for _, g, _ in chosen])
+        lo = int(src[0])
+        span = (lo, lo + len(src)) if bool((src == torch.arange(lo, lo + len(src))).all()) else None
+        src_rows = None if span is not None else src.to(self.device)
         if min(sizes) == rows and len(chosen) == len(stack.names):
             # Every slot holds one group of `rows` tokens: the gathered tokens are the block, no padding.
-            lo = int(src[0])
-            if bool((src == torch.arange(lo, lo + len(src))).all()):
-                return Route(None, None, None, len(chosen), rows, groups, segments, span=(lo, lo + len(src)))
-            return Route(src.to(self.device), None, None, len(chosen), rows, groups, segments)
+            return Route(src_rows, None, None, len(chosen), rows, groups, segments, span)
         used = [slot for slot, _, _ in chosen]
         whole = 2 * len(used) >= len(stack.names)      # most slots are used: no gather of the factors
         block_of = {slot: (slot if whole else k) for k, slot in enumerate(used)}
         dest = torch.cat([torch.arange(n) + block_of[slot] * rows for (slot, _, _), n in zip(chosen, sizes)])
-        return Route(src.to(self.device), dest.to(self.device),
+        return Route(src_rows, dest.to(self.device),
                      None if whole else torch.tensor(used, device=self.device),
-                     len(stack.names) if whole else len(used), rows, groups, segments)
+                     len(stack.names) if whole else len(used), rows, groups, segments, span)
 
     def _set_of(self, terms: Terms) -> str | None:
         if len(terms) == 1 and terms[0][1] == 1.0 and terms[0][0] in self.members:
@@ -191,12 +192,13 @@ STACK_MIN_GROUPS = 3
 class Route:
     """Where the rows of stacked groups go in the (blocks, rows, ·) block of one `RankStack`.
 
-    src: the tokens' rows in the flattened input, in block order; dest: their rows in the flattened,
-    zero-padded block, or None when the block needs no padding (every slot has one group of `rows`
-    tokens); span: (lo, hi) when moreover src is lo..hi-1, so the block is a view of the input and the
-    products write straight into the output. slots: the stack slots used, when only those are gathered
-    (None: the whole stack); groups: the indices (in `StepPlan.adapted`) of the groups this route serves;
-    segments: (start, stop, slot) of each group in tokens, read by the Triton kernel instead of all the above.
+    src: the tokens' rows in the flattened input, in block order, or None when they are the contiguous
+    `span` (lo, hi); dest: their rows in the flattened, zero-padded block, or None when the block needs no
+    padding (every slot has one group of `rows` tokens). With a span and no padding the block is a view of
+    the input and the products write straight into the output. slots: the stack slots used, when only
+    those are gathered (None: the whole stack); groups: the indices (in `StepPlan.adapted`) of the groups
+    this route serves; segments: (start, stop, slot) of each group in tokens, read by the Triton kernel
+    instead of all the above. `buffer` keeps the step's scratch blocks, shared by every layer of one shape.
     """
 
     src: torch.Tensor | None
@@ -207,6 +209,17 @@ class Route:
     groups: frozenset[int]
     segments: torch.Tensor
     span: tuple[int, int] | None = None
+    scratch: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def buffer(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A zeroed scratch tensor, made once per step and reused by every layer asking for this shape
+        (fresh blocks of a few hundred kB cost more to allocate and zero than to multiply on CPU).
+        The rows a layer does not write (padding) stay zero: every layer writes the same rows."""
+        key = (role, shape, like.dtype)
+        buf = self.scratch.get(key)
+        if buf is None:
+            buf = self.scratch[key] = like.new_zeros(shape)
+        return buf
 
 
 class RankStack:
@@ -270,25 +283,36 @@ class RankStack:
                 h = triton_kernels.segment_matmul(x2, self.a, route.segments, route.rows)
                 triton_kernels.segment_matmul(h, self.b, route.segments, route.rows, out=y2)
                 return
+        if cpu_kernels.available(x2, y2, self.a, self.b):     # segments read in place: no block, no gather
+            h = route.buffer("h", (x2.shape[0], self.a.shape[-1]), self.a)
+            cpu_kernels.segment_shrink(x2, self.a, route.segments, h)
+            cpu_kernels.segment_expand(h, self.b, route.segments, y2)
+            return
         a, b = (self.a, self.b) if route.slots is None else (self.a[route.slots], self.b[route.slots])
         shape = (route.blocks, route.rows, -1)
-        if route.span is not None:          # the block is a slice of the input: no copy in or out
+        if route.span is not None:
             lo, hi = route.span
-            h = torch.bmm(x2[lo:hi].view(shape).to(a.dtype), a)
-            if y2.dtype == b.dtype:
-                y2[lo:hi].view(shape).baddbmm_(h, b)
-            else:
-                y2[lo:hi] += torch.bmm(h, b).view(hi - lo, -1).to(y2.dtype)
-            return
-        if route.dest is None:
-            block = x2.index_select(0, route.src).to(a.dtype)
+            xs, ys = x2[lo:hi], y2[lo:hi]
         else:
-            block = x2.new_zeros(route.blocks * route.rows, x2.shape[1], dtype=a.dtype)
-            block.index_copy_(0, route.dest, x2.index_select(0, route.src).to(a.dtype))
-        out = torch.bmm(torch.bmm(block.view(shape), a), b).view(-1, b.shape[-1])
+            xs, ys = x2.index_select(0, route.src), None
+        if route.dest is None and ys is not None:      # the block is a slice of the input: no copy in or out
+            h = torch.bmm(xs.view(shape).to(a.dtype), a)
+            if ys.dtype == b.dtype:
+                ys.view(shape).baddbmm_(h, b)
+            else:
+                ys += torch.bmm(h, b).view(hi - lo, -1).to(ys.dtype)
+            return
+        block = xs.to(a.dtype)
         if route.dest is not None:
-            out = out.index_select(0, route.dest)
-        y2.index_add_(0, route.src, out.to(y2.dtype))
+            block = route.buffer("in", (route.blocks * route.rows, x2.shape[1]), a).index_copy_(0, route.dest, block)
+        h = torch.bmm(block.view(shape), a)
+        out = torch.bmm(h, b, out=route.buffer("out", (route.blocks, route.rows, b.shape[-1]), b)).view(-1, b.shape[-1])
+        if route.dest is not None:
+            out = torch.index_select(out, 0, route.dest, out=route.buffer("rows", (len(route.dest), b.shape[-1]), b))
+        if ys is not None:
+            ys += out.to(ys.dtype)
+        else:
+            y2.index_add_(0, route.src, out.to(y2.dtype))
 
 
 class PlanContext:
