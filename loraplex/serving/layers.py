@@ -18,8 +18,10 @@ with the same slots). When every slot has one group of the same size, in slot or
 rows by install order, which is slot order), the block is a view of the input and the expand adds
 straight into the output; otherwise the tokens are gathered into it (zero-padded when sizes differ)
 and added back. Still no `B A`, and each rank has its own stack (no padding to the largest rank);
-groups much larger than the rest stay on the per-group path. On CUDA, a Triton kernel
-(`triton_kernels.py`) does both products per segment instead, reading the slots in place.
+groups much larger than the rest stay on the per-group path. Where they can, segmented kernels do
+both products per group instead, reading rows and slots in place whatever the groups' sizes: a Triton
+kernel on CUDA (`triton_kernels.py`), a small compiled C kernel on CPU (`cpu_kernels.py`); the batched
+products above are their fallback and reference.
 
 DoRA rows are rescaled by the adapter's precomputed `m / ‖W + sBA‖_row`; `modules_to_save` rows are
 recomputed by the adapter's own copy of the module.
