@@ -41,6 +41,10 @@ def test_bad_arguments_are_refused_with_a_clear_error():
         cpu_kernels.segment_shrink(torch.zeros(3, 9), a, torch.zeros(1, 3, dtype=torch.int32), h)
     with pytest.raises(ValueError, match="int32"):
         cpu_kernels.segment_shrink(torch.zeros(3, 8), a, torch.zeros(1, 3, dtype=torch.int64), h)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_kernels.segment_shrink(torch.zeros(3, 8, dtype=torch.float64), a, torch.zeros(1, 3, dtype=torch.int32), h)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.segment_shrink(torch.zeros(3, 8), torch.zeros(2, 4, 8).transpose(1, 2), torch.zeros(1, 3, dtype=torch.int32), h)
 
 
 def test_stacked_layer_matches_its_reference_with_and_without_the_kernel(monkeypatch):

@@ -245,9 +245,15 @@ def available(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     return _load() is not None
 
 
-def _library(segments: torch.Tensor) -> ctypes.CDLL:
+def _library(rows: torch.Tensor, stack: torch.Tensor, out: torch.Tensor, segments: torch.Tensor) -> ctypes.CDLL:
+    """The loaded library, once the layouts the C code assumes are checked (a wrong one would read or write
+    out of bounds, not raise)."""
     if segments.dtype != torch.int32 or not segments.is_contiguous() or segments.device.type != "cpu":
         raise ValueError("segments must be a contiguous int32 CPU tensor of (start, stop, slot) rows")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (rows, stack, out)):
+        raise ValueError("the CPU segment kernel takes float32 CPU tensors")
+    if rows.stride(-1) != 1 or out.stride(-1) != 1 or not stack.is_contiguous():
+        raise ValueError("rows must have unit stride along their length and the stacked factors must be contiguous")
     lib = _load()
     if lib is None:
         raise RuntimeError("the CPU segment kernel is not built here (no C compiler, or the build failed)")
@@ -262,13 +268,13 @@ def segment_shrink(x: torch.Tensor, a: torch.Tensor, segments: torch.Tensor, h: 
     """
     if x.shape[1] != a.shape[1] or h.shape[1] != a.shape[2] or h.shape[0] < x.shape[0]:
         raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, a {tuple(a.shape)}, h {tuple(h.shape)}")
-    _library(segments).segment_shrink_f32(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), h.stride(0),
-                            segments.data_ptr(), segments.shape[0], a.shape[1], a.shape[2])
+    _library(x, a, h, segments).segment_shrink_f32(x.data_ptr(), x.stride(0), a.data_ptr(), h.data_ptr(), h.stride(0),
+                                                  segments.data_ptr(), segments.shape[0], a.shape[1], a.shape[2])
 
 
 def segment_expand(h: torch.Tensor, b: torch.Tensor, segments: torch.Tensor, y: torch.Tensor) -> None:
     """y[start:stop] += h[start:stop] @ b[slot] for every (start, stop, slot); b: (slots, r, d_out)."""
     if h.shape[1] != b.shape[1] or y.shape[1] != b.shape[2] or y.shape[0] < h.shape[0]:
         raise ValueError(f"shapes do not fit: h {tuple(h.shape)}, b {tuple(b.shape)}, y {tuple(y.shape)}")
-    _library(segments).segment_expand_f32(h.data_ptr(), h.stride(0), b.data_ptr(), y.data_ptr(), y.stride(0),
-                            segments.data_ptr(), segments.shape[0], b.shape[1], b.shape[2])
+    _library(h, b, y, segments).segment_expand_f32(h.data_ptr(), h.stride(0), b.data_ptr(), y.data_ptr(), y.stride(0),
+                                                  segments.data_ptr(), segments.shape[0], b.shape[1], b.shape[2])
