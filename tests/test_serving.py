@@ -276,11 +276,14 @@ def test_mixed_ranks_and_base_rows_match_generate(base, tok, adapters, reference
     assert engine.counters["steps"] < 22 * 10          # rows were decoded together
 
 
-def test_long_generations_with_requests_joining_and_leaving(base, tok, adapters, reference):
+@pytest.mark.parametrize("trim_slack", [0, 10**6])
+def test_long_generations_with_requests_joining_and_leaving(base, tok, adapters, reference, trim_slack):
     """Small batches, two prefills per step: rows leave (EOS or length) and join all the time, and the
-    KV cache outgrows its first allocation."""
+    KV cache outgrows its first allocation. Leaving rows rebuild the cache every time (trim_slack 0), or
+    never (rows move up in place, padding columns kept)."""
     names = ["a5", "a6", "a7"]
     engine = new_engine(base, tok, adapters, names, max_active=3, max_cached=3, max_batch=4, prefill_per_step=2)
+    engine.trim_slack = trim_slack
     requests = [(PROMPTS[i % len(PROMPTS)], ([None] + names)[i % 4]) for i in range(9)]
     check_against_reference(engine, tok, reference, requests, max_tokens=45)
 

@@ -286,6 +286,10 @@ class Engine:
                  admitted until it fits.
     """
 
+    # When rows finish, the others move up in place, keeping the cache's columns; once the longest
+    # remaining row needs this many columns fewer, the cache is rebuilt without them.
+    trim_slack = 32
+
     def __init__(self, model: nn.Module, tokenizer: Any, *, model_name: str = "base", max_active: int = 8,
                  max_cached: int = 64, max_batch: int = 32, max_queue: int = 256,
                  max_prompt_tokens: int | None = None, max_new_tokens: int | None = None,
@@ -912,9 +916,12 @@ class Engine:
             self.rows, self.cache, self.length, self.plan = [], None, 0, None
             return
         length = max(self.rows[i].n_real for i in keep)
-        self.cache = kv.assemble([(self.cache, i) for i in keep], length, headroom=32)
+        if self.length - length <= self.trim_slack:       # move the rows up in place; columns stay
+            kv.drop_rows(self.cache, keep)
+        else:                                             # the longest rows left: drop their columns too
+            self.cache = kv.assemble([(self.cache, i) for i in keep], length, headroom=32)
+            self.length = length
         self.rows = [self.rows[i] for i in keep]
-        self.length = length
         self.plan = self._plan(self.rows)
 
     def _row_key(self, seq: _Seq) -> tuple:

@@ -105,3 +105,20 @@ def assemble(parts: Sequence[tuple[DynamicCache, int]], length: int, headroom: i
     cache.layers = out_layers
     cache.layer_class_to_replicate = None
     return cache
+
+
+def drop_rows(cache: DynamicCache, keep: Sequence[int]) -> None:
+    """Keep only rows `keep` (ascending), in place: the rows after the first dropped one move up, the
+    columns and the buffers' capacity stay as they are.
+
+    Cheaper than `assemble` when a few rows finish (the common step of continuous batching): no new
+    buffers to allocate and zero, and the rows before the first gap are not touched.
+    """
+    first = next((i for i, row in enumerate(keep) if row != i), len(keep))
+    tail = torch.tensor(keep[first:], dtype=torch.long)
+    for layer in layers_of(cache):
+        for attr in ("keys", "values"):
+            buf = getattr(layer, attr)
+            if len(tail):
+                buf[first:len(keep)] = buf.index_select(0, tail.to(buf.device))
+            setattr(layer, attr, buf[:len(keep)])
